@@ -1,0 +1,215 @@
+"""GIDDistiller: General Instance Distillation (Dai et al., CVPR 2021) around two torchvision detectors.
+
+One training step::
+
+    images ──student.transform──► ImageList (shared: teacher and student see the same pixels)
+      teacher (frozen, eval, no_grad): FPN maps + dense head  ──┐
+      student (train):                 FPN maps + dense head  ──┼─► GISM: top-K general instances
+                                       + its own GT losses      │        per image (boxes)
+      ROIAlign(GI boxes) on both FPNs ─► feature loss (student through the 3x3 adapter)
+                                      └► relation loss (pairwise-distance structure per image)
+      student's matcher on GI boxes ──► response loss on the matched dense predictions
+
+Choices where the paper is silent, each tested:
+
+* The teacher runs at the student's input resolution (the student's transform feeds both), since
+  GID matches predictions one to one; teacher and student must share the detector family, the
+  anchor configuration and FPN strides (checked at construction).
+* The adaptation conv is applied to the ROI-pooled student features rather than to whole FPN maps:
+  it is the same 3x3 conv on the region the loss reads, at a fraction of the cost. It is a
+  registered submodule, so it is trained, checkpointed and saved with the distiller, and dropped
+  on export (only ``.student`` is exported).
+* The relation loss reads the student's own pooled features (before the adapter): the relation
+  structure is scale- and dimension-free, and going through the adapter would let the adapter
+  absorb what the student should learn.
+* Loss normalisers (number of GIs, images with >= 2 GIs, matched predictions) are summed over DDP
+  ranks, so a DDP step equals one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from .config import DistillConfig
+from .dense import DenseOutputs, dense_view_for
+from .gism import select_general_instances_batched
+from .losses import feature_loss, relation_loss_batched, response_loss
+from .roi import assign_levels, feature_levels, pool_instances
+
+
+def _global_normalizer(count: Tensor) -> Tensor:
+    """Sum over DDP ranks / world size: DDP averages gradients, so this makes the loss global."""
+    count = count.detach().to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
+
+
+class GIDDistiller(nn.Module):
+    """Wraps a frozen teacher and a trainable student; ``forward`` returns weighted losses."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None):
+        super().__init__()
+        self.config = config or DistillConfig()
+        self.view = dense_view_for(student)
+        if type(teacher) is not type(student):
+            raise ValueError(
+                f"teacher ({type(teacher).__name__}) and student ({type(student).__name__}) must be "
+                "the same detector family"
+            )
+        self.teacher = teacher
+        self.student = student
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        t_ch, s_ch = teacher.backbone.out_channels, student.backbone.out_channels
+        self.adapter = nn.Conv2d(s_ch, t_ch, kernel_size=3, padding=1)
+        self._check_compatible()
+        self._anchor_cache: dict[tuple, list[Tensor]] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    # -- module plumbing -----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "GIDDistiller":
+        super().train(mode)
+        self.teacher.eval()  # always: BN running stats and dropout of the teacher stay fixed
+        return self
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Student + adapter only: the frozen teacher is rebuilt from its own weights file."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return super().load_state_dict({**teacher_state, **state_dict}, strict=strict, assign=assign)
+
+    def _check_compatible(self) -> None:
+        gen_t = self.view.anchor_generator(self.teacher)
+        gen_s = self.view.anchor_generator(self.student)
+        if gen_t.sizes != gen_s.sizes or gen_t.aspect_ratios != gen_s.aspect_ratios:
+            raise ValueError(
+                f"teacher and student anchors differ ({gen_t.sizes} x {gen_t.aspect_ratios} vs "
+                f"{gen_s.sizes} x {gen_s.aspect_ratios}): GID needs one-to-one dense predictions"
+            )
+        probe = torch.zeros(1, 3, 128, 128, device=next(self.student.parameters()).device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            shapes_t = [tuple(f.shape[-2:]) for f in self.teacher.backbone(probe).values()]
+            shapes_s = [tuple(f.shape[-2:]) for f in self.student.backbone(probe).values()]
+        self.student.train(was_training)
+        if shapes_t != shapes_s:
+            raise ValueError(f"teacher and student FPN levels differ: {shapes_t} vs {shapes_s}")
+
+    def _anchors(self, images: ImageList, features: list[Tensor]) -> list[Tensor]:
+        """Anchors depend only on shapes: computed once per (padded size, image sizes, device)."""
+        key = (
+            tuple(images.tensors.shape),
+            tuple(images.image_sizes),
+            tuple(tuple(f.shape[-2:]) for f in features),
+            images.tensors.device,
+            images.tensors.dtype,
+        )
+        anchors = self._anchor_cache.get(key)
+        if anchors is None:
+            if len(self._anchor_cache) > 64:  # many distinct sizes: don't grow without bound
+                self._anchor_cache.clear()
+            anchors = self.view.anchor_generator(self.student)(images, features)
+            self._anchor_cache[key] = anchors
+        return anchors
+
+    # -- the step ------------------------------------------------------------------------------
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        if not self.training:
+            raise RuntimeError("GIDDistiller computes training losses; call .student for inference")
+        cfg = self.config
+        image_list, targets = self.student.transform(images, targets)
+        with torch.no_grad():
+            t_out = self.view(self.teacher, image_list, self._anchors)
+        s_out = self.view(self.student, image_list, self._anchors, targets)
+        losses = {name: cfg.weight_gt * value for name, value in s_out.gt_losses.items()}
+        losses.update(self._distill_losses(t_out, s_out, image_list))
+        return losses
+
+    def _distill_losses(self, t_out: DenseOutputs, s_out: DenseOutputs, image_list: ImageList) -> dict[str, Tensor]:
+        cfg = self.config
+        use_feature = cfg.use_feature and cfg.weight_feature > 0
+        use_relation = cfg.use_relation and cfg.weight_relation > 0
+        use_response = cfg.use_response and (cfg.weight_response_cls > 0 or cfg.weight_response_reg > 0)
+        gis = select_general_instances_batched(
+            t_out.probs,
+            t_out.boxes,
+            s_out.probs.detach(),
+            s_out.boxes,
+            top_k=cfg.top_k,
+            nms_iou=cfg.nms_iou,
+            pre_nms_top_n=cfg.pre_nms_top_n,
+            min_size=cfg.min_box_size,
+        )
+        n = len(gis)
+        boxes = torch.cat([b for b, _ in gis])  # (K, 4)
+        counts = torch.tensor([b.shape[0] for b, _ in gis], device=boxes.device)  # (N,)
+        image_index = torch.repeat_interleave(torch.arange(n, device=boxes.device), counts)  # (K,)
+        scores = torch.cat([s for _, s in gis])
+        losses: dict[str, Tensor] = {}
+
+        if use_feature or use_relation:
+            t_inst, s_inst = self._instance_features(t_out, s_out, boxes, image_index, image_list)
+            if use_feature:
+                norm = _global_normalizer(counts.sum())
+                losses["loss_feature"] = cfg.weight_feature * feature_loss(t_inst, self.adapter(s_inst), normalizer=norm)
+            if use_relation:
+                norm = _global_normalizer((counts >= 2).sum())
+                losses["loss_relation"] = cfg.weight_relation * relation_loss_batched(
+                    t_inst.flatten(1), s_inst.flatten(1), image_index, n, normalizer=norm
+                )
+        if use_response:
+            kmax = max(cfg.top_k, 1)
+            padded = boxes.new_zeros((n, kmax, 4))
+            valid = torch.zeros((n, kmax), dtype=torch.bool, device=boxes.device)
+            slot = torch.arange(boxes.shape[0], device=boxes.device) - torch.repeat_interleave(
+                torch.cumsum(counts, 0) - counts, counts
+            )
+            padded[image_index, slot] = boxes
+            valid[image_index, slot] = True
+            num_per_level = [f.shape[-2] * f.shape[-1] for f in s_out.features]
+            num_per_level = [c * (s_out.reg.shape[1] // sum(num_per_level)) for c in num_per_level]
+            anchors = torch.stack(self._anchors(image_list, s_out.features))  # cached: no recompute
+            mask = self.view.positive_mask(self.student, padded, valid, anchors, num_per_level)
+            norm = _global_normalizer(mask.sum())
+            cls, reg = response_loss(t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm)
+            losses["loss_response_cls"] = cfg.weight_response_cls * cls
+            losses["loss_response_reg"] = cfg.weight_response_reg * reg
+            self.last_stats["response_positives_per_image"] = mask.sum().detach().float() / max(n, 1)
+
+        if not use_feature:
+            # An unused adapter would leave DDP waiting for its gradient: keep it in the graph at 0.
+            losses["loss_feature"] = sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        self.last_stats["gi_per_image"] = counts.float().mean().detach()
+        self.last_stats["gi_score_mean"] = scores.float().mean().detach() if scores.numel() else boxes.new_zeros(())
+        return losses
+
+    def _instance_features(
+        self, t_out: DenseOutputs, s_out: DenseOutputs, boxes: Tensor, image_index: Tensor, image_list: ImageList
+    ) -> tuple[Tensor, Tensor]:
+        """ROIAlign the GI boxes on teacher and student FPNs: (K, C_t, s, s), (K, C_s, s, s)."""
+        cfg = self.config
+        padded_hw = tuple(image_list.tensors.shape[-2:])
+        levels = feature_levels(t_out.features, padded_hw)
+        strides = [2**k for k in levels]
+        level_index = assign_levels(
+            boxes, levels, canonical_scale=cfg.roi_canonical_scale, canonical_level=cfg.roi_canonical_level
+        )
+        rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (K, 5)
+        pool = dict(output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio)
+        with torch.no_grad():
+            t_inst = pool_instances(t_out.features, rois, level_index, strides, **pool)
+        s_inst = pool_instances(s_out.features, rois, level_index, strides, **pool)
+        return t_inst, s_inst
