@@ -40,13 +40,21 @@ from .losses import feature_loss, relation_loss_batched, response_loss
 from .roi import assign_levels, feature_levels, pool_instances
 
 
-def _global_normalizer(count: Tensor) -> Tensor:
-    """Sum over DDP ranks / world size: DDP averages gradients, so this makes the loss global."""
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _global_count(count: Tensor) -> Tensor:
+    """A loss normaliser summed over DDP ranks.
+
+    DDP averages gradients over W ranks, so each rank's loss is scaled by W (see ``_distill_losses``)
+    and divided by the global count: the step then equals one process with the whole batch."""
     count = count.detach().to(torch.float32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         count = count.clone()
         dist.all_reduce(count)
-        count = count / dist.get_world_size()
     return count
 
 
@@ -154,6 +162,7 @@ class GIDDistiller(nn.Module):
             min_size=cfg.min_box_size,
         )
         n = len(gis)
+        world = _world_size()
         boxes = torch.cat([b for b, _ in gis])  # (K, 4)
         counts = torch.tensor([b.shape[0] for b, _ in gis], device=boxes.device)  # (N,)
         image_index = torch.repeat_interleave(torch.arange(n, device=boxes.device), counts)  # (K,)
@@ -163,13 +172,13 @@ class GIDDistiller(nn.Module):
         if use_feature or use_relation:
             t_inst, s_inst = self._instance_features(t_out, s_out, boxes, image_index, image_list)
             if use_feature:
-                norm = _global_normalizer(counts.sum())
-                losses["loss_feature"] = cfg.weight_feature * feature_loss(t_inst, self.adapter(s_inst), normalizer=norm)
+                norm = _global_count(counts.sum())
+                loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm)
+                losses["loss_feature"] = cfg.weight_feature * world * loss
             if use_relation:
-                norm = _global_normalizer((counts >= 2).sum())
-                losses["loss_relation"] = cfg.weight_relation * relation_loss_batched(
-                    t_inst.flatten(1), s_inst.flatten(1), image_index, n, normalizer=norm
-                )
+                norm = _global_count((counts >= 2).sum())
+                loss = relation_loss_batched(t_inst.flatten(1), s_inst.flatten(1), image_index, n, normalizer=norm)
+                losses["loss_relation"] = cfg.weight_relation * world * loss
         if use_response:
             kmax = max(cfg.top_k, 1)
             padded = boxes.new_zeros((n, kmax, 4))
@@ -183,10 +192,10 @@ class GIDDistiller(nn.Module):
             num_per_level = [c * (s_out.reg.shape[1] // sum(num_per_level)) for c in num_per_level]
             anchors = torch.stack(self._anchors(image_list, s_out.features))  # cached: no recompute
             mask = self.view.positive_mask(self.student, padded, valid, anchors, num_per_level)
-            norm = _global_normalizer(mask.sum())
+            norm = _global_count(mask.sum())
             cls, reg = response_loss(t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm)
-            losses["loss_response_cls"] = cfg.weight_response_cls * cls
-            losses["loss_response_reg"] = cfg.weight_response_reg * reg
+            losses["loss_response_cls"] = cfg.weight_response_cls * world * cls
+            losses["loss_response_reg"] = cfg.weight_response_reg * world * reg
             self.last_stats["response_positives_per_image"] = mask.sum().detach().float() / max(n, 1)
 
         if not use_feature:
