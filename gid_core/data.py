@@ -1,0 +1,539 @@
+"""COCO-format detection datasets: validation, loading and batching.
+
+A dataset is an annotation JSON (``images``, ``annotations``, ``categories``) plus the folder its
+``file_name``s are relative to. :func:`validate_coco_dataset` reads the whole thing once and lists
+*every* problem it finds, so a bad upload fails before training starts with messages such as::
+
+    annotations[12] (id 57): bbox [10, 5, 0, 3] has non-positive width
+
+:class:`CocoDetectionDataset` serves ``(image, target)`` pairs for torchvision detectors:
+
+* Categories, sorted by COCO id, map to contiguous labels ``1..C`` (``categories[L - 1]`` is label
+  ``L``); :meth:`CocoDetectionDataset.label_to_category_id` maps back.
+* Crowd annotations (``iscrowd=1``) are valid and stay in :attr:`CocoDetectionDataset.coco`, where
+  COCOeval treats them as ignore regions, but they are left out of training targets (torchvision's
+  detectors have no notion of crowd boxes). Images without annotations are kept as negatives.
+* Optional resize: with ``min_size``/``max_size`` the image is resized exactly the way
+  torchvision's ``GeneralizedRCNNTransform`` would (``scale = min(min_size / short,
+  max_size / long)``), with the output size rounded so that the detector's own transform then sees
+  scale 1.0 and does nothing. Resizing in the loader workers keeps the decoded tensors small.
+  Boxes are scaled with the image; ``target["orig_size"]`` keeps the original ``(h, w)`` and
+  :func:`gid_core.evaluation.evaluate_coco` maps predictions back with :func:`rescale_boxes`.
+* Horizontal flip (``train=True`` only) is decided by ``random.Random(aug_seed)`` when the key is
+  ``(index, aug_seed)``, so a resumed run replays exactly the same augmentations; a plain integer
+  key draws from the process-global ``random`` module (seeded per worker by the DataLoader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "CocoDetectionDataset",
+    "DatasetValidationError",
+    "MAX_REPORTED_PROBLEMS",
+    "collate_detection",
+    "resized_hw",
+    "rescale_boxes",
+    "validate_coco_dataset",
+]
+
+MAX_REPORTED_PROBLEMS = 100
+# Boxes may stick out of the image by this many pixels (rounding in third-party exporters).
+BOX_TOLERANCE_PX = 1.0
+
+
+class DatasetValidationError(ValueError):
+    """A COCO dataset failed validation; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str], source: str | Path | None = None) -> None:
+        self.problems = list(problems)
+        self.source = str(source) if source is not None else None
+        where = f" {self.source}" if self.source else ""
+        lines = [f"invalid COCO dataset{where}: {len(self.problems)} problem(s)"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _label(kind: str, index: int, item: Any) -> str:
+    """``annotations[12] (id 57)``: where a problem is, as the user can find it in the file."""
+    if isinstance(item, dict) and _is_int(item.get("id")):
+        return f"{kind}[{index}] (id {item['id']})"
+    return f"{kind}[{index}]"
+
+
+def _check_int_field(item: dict, key: str, where: str, problems: list[str], *, positive=False) -> bool:
+    if key not in item:
+        problems.append(f"{where}: missing '{key}'")
+        return False
+    value = item[key]
+    if not _is_int(value) or (positive and value <= 0):
+        kind = "a positive integer" if positive else "an integer"
+        problems.append(f"{where}: '{key}' must be {kind}, got {json.dumps(value)}")
+        return False
+    return True
+
+
+def _safe_relative(file_name: str) -> bool:
+    """True for a relative path that stays inside the images folder (no ``..``, no absolute)."""
+    parts = PurePosixPath(file_name.replace("\\", "/")).parts
+    return bool(parts) and parts[0] != "/" and ".." not in parts and ":" not in parts[0]
+
+
+def _check_images(images_list: list, images_dir: Path, problems: list[str]) -> dict[int, tuple[int, int]]:
+    """Checks ``images``; returns ``{image_id: (width, height)}`` of the usable entries."""
+    sizes: dict[int, tuple[int, int]] = {}
+    first_index: dict[int, int] = {}
+    check_files = images_dir.is_dir()
+    if not check_files:
+        problems.append(f"images folder {images_dir}: not found or not a directory")
+    for i, img in enumerate(images_list):
+        where = _label("images", i, img)
+        if not isinstance(img, dict):
+            problems.append(f"{where}: must be an object, got {type(img).__name__}")
+            continue
+        ok = _check_int_field(img, "id", where, problems)
+        ok &= _check_int_field(img, "width", where, problems, positive=True)
+        ok &= _check_int_field(img, "height", where, problems, positive=True)
+        file_name = img.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            problems.append(f"{where}: 'file_name' must be a non-empty string, got {json.dumps(file_name)}")
+            ok = False
+        elif not _safe_relative(file_name):
+            problems.append(
+                f"{where}: file_name '{file_name}' must be a relative path inside the images folder"
+            )
+            ok = False
+        if _is_int(img.get("id")):
+            if img["id"] in first_index:
+                first = first_index[img["id"]]
+                problems.append(f"{where}: duplicate image id {img['id']} (first at images[{first}])")
+                continue
+            first_index[img["id"]] = i
+        if not ok:
+            continue
+        width, height = img["width"], img["height"]
+        sizes[img["id"]] = (width, height)
+        if check_files:
+            _check_image_file(images_dir / file_name, file_name, (width, height), where, problems)
+    return sizes
+
+
+def _check_image_file(
+    path: Path, file_name: str, wh: tuple[int, int], where: str, problems: list[str]
+) -> None:
+    if not path.is_file():
+        problems.append(f"{where}: file '{file_name}' not found in {path.parent}")
+        return
+    try:
+        # Image.open reads only the header: cheap even for big JPEGs.
+        with Image.open(path) as im:
+            actual = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        problems.append(f"{where}: cannot read image '{file_name}': {e}")
+        return
+    if actual != wh:
+        problems.append(
+            f"{where}: size in JSON is {wh[0]}x{wh[1]} (width x height) "
+            f"but '{file_name}' is {actual[0]}x{actual[1]}"
+        )
+
+
+def _check_categories(categories: list, problems: list[str]) -> set[int]:
+    ids: dict[int, int] = {}
+    names: dict[str, int] = {}
+    if not categories:
+        problems.append("categories: empty; at least one category is required")
+    for i, cat in enumerate(categories):
+        where = _label("categories", i, cat)
+        if not isinstance(cat, dict):
+            problems.append(f"{where}: must be an object, got {type(cat).__name__}")
+            continue
+        if _check_int_field(cat, "id", where, problems):
+            if cat["id"] in ids:
+                first = ids[cat["id"]]
+                problems.append(f"{where}: duplicate category id {cat['id']} (first at categories[{first}])")
+            else:
+                ids[cat["id"]] = i
+        name = cat.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: 'name' must be a non-empty string, got {json.dumps(name)}")
+        elif name in names:
+            # Per-category metrics are keyed by name, so names must be unique.
+            problems.append(f"{where}: duplicate category name '{name}' (first at categories[{names[name]}])")
+        else:
+            names[name] = i
+    return set(ids)
+
+
+def _check_bbox(
+    bbox: Any, wh: tuple[int, int] | None, image_id: Any, where: str, problems: list[str]
+) -> None:
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        problems.append(
+            f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {json.dumps(bbox)}"
+        )
+        return
+    x, y, w, h = bbox
+    text = json.dumps(bbox)
+    if w <= 0:
+        problems.append(f"{where}: bbox {text} has non-positive width")
+    if h <= 0:
+        problems.append(f"{where}: bbox {text} has non-positive height")
+    if wh is None:
+        return
+    width, height = wh
+    tol = BOX_TOLERANCE_PX
+    overshoot = {
+        "left": -x,
+        "top": -y,
+        "right": x + w - width,
+        "bottom": y + h - height,
+    }
+    for edge, by in overshoot.items():
+        if by > tol:
+            problems.append(
+                f"{where}: bbox {text} extends past the {edge} edge of image {image_id} "
+                f"({width}x{height}) by {by:g} px"
+            )
+
+
+def _check_annotations(
+    annotations: list,
+    sizes: dict[int, tuple[int, int]],
+    image_ids: set[int] | None,
+    cat_ids: set[int] | None,
+    problems: list[str],
+) -> None:
+    """``image_ids``/``cat_ids`` None: that top-level list is unusable (already reported)."""
+    first_index: dict[int, int] = {}
+    for i, ann in enumerate(annotations):
+        where = _label("annotations", i, ann)
+        if not isinstance(ann, dict):
+            problems.append(f"{where}: must be an object, got {type(ann).__name__}")
+            continue
+        if _check_int_field(ann, "id", where, problems):
+            if ann["id"] in first_index:
+                first = first_index[ann["id"]]
+                problems.append(f"{where}: duplicate annotation id {ann['id']} (first at annotations[{first}])")
+            else:
+                first_index[ann["id"]] = i
+        image_id = ann.get("image_id")
+        if _check_int_field(ann, "image_id", where, problems):
+            if image_ids is not None and image_id not in image_ids:
+                problems.append(f"{where}: image_id {image_id} is not a declared image")
+        category_id = ann.get("category_id")
+        if _check_int_field(ann, "category_id", where, problems):
+            if cat_ids is not None and category_id not in cat_ids:
+                problems.append(f"{where}: category_id {category_id} is not a declared category")
+        if "bbox" not in ann:
+            problems.append(f"{where}: missing 'bbox'")
+        else:
+            wh = sizes.get(image_id) if _is_int(image_id) else None
+            _check_bbox(ann["bbox"], wh, image_id, where, problems)
+        if "iscrowd" in ann and not (_is_int(ann["iscrowd"]) and ann["iscrowd"] in (0, 1)):
+            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {json.dumps(ann['iscrowd'])}")
+        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+            problems.append(f"{where}: 'area' must be a non-negative number, got {json.dumps(ann['area'])}")
+
+
+def _cap(problems: list[str], limit: int = MAX_REPORTED_PROBLEMS) -> list[str]:
+    if len(problems) <= limit:
+        return problems
+    return problems[:limit] + [f"... and {len(problems) - limit} more problems"]
+
+
+def _read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{path}: annotation file not found")
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{path}: cannot read annotation file: {e}")
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})")
+        return None
+
+
+def validate_coco_dataset(annotations: str | Path, images: str | Path) -> tuple[dict, list[str]]:
+    """Parses a COCO detection dataset and checks it; returns ``(parsed dict, problems)``.
+
+    ``problems`` is empty for a usable dataset. Every check runs (nothing stops at the first
+    error); the list is capped at :data:`MAX_REPORTED_PROBLEMS` messages plus a final
+    ``"... and N more problems"``. The parsed dict is ``{}`` when the JSON itself is unusable.
+    Image files are checked by header only (existence, readability, size), never decoded.
+    """
+    annotations, images = Path(annotations), Path(images)
+    problems: list[str] = []
+    data = _read_json(annotations, problems)
+    if data is None:
+        return {}, problems
+    if not isinstance(data, dict):
+        problems.append(f"{annotations}: top level must be a JSON object, got {type(data).__name__}")
+        return {}, problems
+    lists: dict[str, list] = {}
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            problems.append(f"missing top-level key '{key}'")
+        elif not isinstance(data[key], list):
+            problems.append(f"top-level '{key}' must be a list, got {type(data[key]).__name__}")
+        else:
+            lists[key] = data[key]
+    if "images" in lists and not lists["images"]:
+        problems.append("images: empty; a dataset needs at least one image")
+    sizes = _check_images(lists.get("images", []), images, problems) if "images" in lists else {}
+    cat_ids = _check_categories(lists["categories"], problems) if "categories" in lists else None
+    if "annotations" in lists:
+        image_ids = None
+        if "images" in lists:
+            image_ids = {
+                img["id"] for img in lists["images"] if isinstance(img, dict) and _is_int(img.get("id"))
+            }
+        _check_annotations(lists["annotations"], sizes, image_ids, cat_ids, problems)
+    return data, _cap(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------
+
+
+def resized_hw(height: int, width: int, min_size: int | None, max_size: int | None) -> tuple[int, int]:
+    """Output ``(h, w)`` of the detector-style resize.
+
+    ``scale = min(min_size / short, max_size / long)`` as in torchvision's
+    ``GeneralizedRCNNTransform``; only ``max_size`` caps the long side (no upscaling); neither
+    keeps the size. Sides are *rounded* (torchvision floors), which makes the constraining side
+    exactly ``min_size`` or ``max_size`` so that the detector's own resize computes scale 1.0.
+    """
+    candidates = []
+    if min_size is not None:
+        candidates.append(min_size / min(height, width))
+    if max_size is not None:
+        candidates.append(max_size / max(height, width))
+        if min_size is None:
+            candidates.append(1.0)
+    if not candidates:
+        return height, width
+    scale = min(candidates)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def rescale_boxes(boxes: torch.Tensor, from_hw: Sequence[int], to_hw: Sequence[int]) -> torch.Tensor:
+    """Maps xyxy ``boxes`` (n, 4) from an image of size ``from_hw`` to one of size ``to_hw``."""
+    ratio_h = float(to_hw[0]) / float(from_hw[0])
+    ratio_w = float(to_hw[1]) / float(from_hw[1])
+    scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """A COCO detection dataset for torchvision detectors (see the module docstring).
+
+    ``ds[i]`` or ``ds[(i, aug_seed)]`` returns ``(image, target)``:
+    image float32 (3, H, W) RGB in [0, 1]; target ``{"boxes": float32 (n, 4) xyxy,
+    "labels": int64 (n,) in 1..C, "image_id": int (COCO id), "orig_size": (h, w)}``.
+    """
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images: str | Path,
+        *,
+        train: bool = False,
+        flip_prob: float = 0.5,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.annotations_path = Path(annotations)
+        self.images_dir = Path(images)
+        self.train = train
+        self.flip_prob = float(flip_prob)
+        self.min_size = min_size
+        self.max_size = max_size
+        if validate:
+            data, problems = validate_coco_dataset(self.annotations_path, self.images_dir)
+            if problems:
+                raise DatasetValidationError(problems, self.annotations_path)
+        else:
+            data = json.loads(self.annotations_path.read_text(encoding="utf-8"))
+        self._data: dict | None = data
+        self._coco = None
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.categories: list[dict] = [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
+        self.category_id_to_label: dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        # index = label; index 0 (background) maps to -1.
+        self._label_to_cat = torch.tensor([-1] + [c["id"] for c in self.categories], dtype=torch.int64)
+
+        anns_by_image: dict[int, list[dict]] = {}
+        for ann in data["annotations"]:
+            anns_by_image.setdefault(ann["image_id"], []).append(ann)
+        self.image_ids: list[int] = []
+        self._files: list[str] = []
+        self._sizes: list[tuple[int, int]] = []  # original (h, w)
+        self._boxes: list[np.ndarray] = []  # (n, 4) xyxy float32, original size
+        self._labels: list[np.ndarray] = []  # (n,) int64
+        for img in data["images"]:
+            h, w = int(img["height"]), int(img["width"])
+            boxes, labels = self._targets_for(anns_by_image.get(img["id"], []), h, w)
+            self.image_ids.append(int(img["id"]))
+            self._files.append(str(self.images_dir / img["file_name"]))
+            self._sizes.append((h, w))
+            self._boxes.append(boxes)
+            self._labels.append(labels)
+
+    def _targets_for(self, anns: list[dict], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        boxes, labels = [], []
+        for ann in anns:
+            if ann.get("iscrowd", 0):
+                continue  # ignore regions for COCOeval only
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            # Validation allows 1 px overshoot: clip, then drop what collapses to nothing.
+            x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+            x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+            if x2 <= x1 or y2 <= y1:
+                continue
+            boxes.append((x1, y1, x2, y2))
+            labels.append(self.category_id_to_label[ann["category_id"]])
+        return (
+            np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray(labels, dtype=np.int64),
+        )
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground categories C (detectors are built with C + 1 classes)."""
+        return len(self.categories)
+
+    def label_to_category_id(self, label: int | torch.Tensor) -> int | torch.Tensor:
+        """Contiguous label(s) 1..C back to COCO category id(s); a tensor maps element-wise."""
+        if isinstance(label, torch.Tensor):
+            return self._label_to_cat.to(label.device)[label.long()]
+        if not 1 <= int(label) <= self.num_classes:
+            raise IndexError(f"label {label} outside 1..{self.num_classes}")
+        return int(self._label_to_cat[int(label)])
+
+    def image_hw(self, index: int) -> tuple[int, int]:
+        """Original ``(height, width)`` of image ``index`` (from the JSON; no decoding)."""
+        return self._sizes[index]
+
+    @property
+    def coco(self):
+        """A pycocotools ``COCO`` ground truth built from the parsed JSON (lazily, for evaluation).
+
+        Missing ``area`` defaults to the box area and missing ``iscrowd`` to 0, as COCOeval needs
+        both. Only available in the process that built the dataset (not in pickled copies).
+        """
+        if self._coco is None:
+            if self._data is None:
+                raise RuntimeError("CocoDetectionDataset.coco is not available in a pickled copy")
+            from pycocotools.coco import COCO
+
+            anns = []
+            for ann in self._data["annotations"]:
+                ann = dict(ann)
+                ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+                ann.setdefault("iscrowd", 0)
+                anns.append(ann)
+            gt = COCO()
+            gt.dataset = {
+                "info": self._data.get("info", {}),
+                "images": list(self._data["images"]),
+                "annotations": anns,
+                "categories": list(self._data["categories"]),
+            }
+            with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
+                gt.createIndex()
+            self._coco = gt
+        return self._coco
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers (spawn) need the records, not the whole parsed JSON.
+        state = self.__dict__.copy()
+        state["_data"] = None
+        state["_coco"] = None
+        return state
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _should_flip(self, aug_seed: int | None) -> bool:
+        if not self.train or self.flip_prob <= 0.0:
+            return False
+        draw = random.random() if aug_seed is None else random.Random(aug_seed).random()
+        return draw < self.flip_prob
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        index, aug_seed = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+        index = int(index)
+        h, w = self._sizes[index]
+        path = self._files[index]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                new_h, new_w = resized_hw(h, w, self.min_size, self.max_size)
+                if (new_h, new_w) != im.size[::-1]:
+                    im = im.resize((new_w, new_h), Image.BILINEAR)
+                pixels = np.array(im, dtype=np.uint8)  # (H, W, 3)
+        except OSError as e:
+            raise OSError(f"cannot decode image {path} (image id {self.image_ids[index]}): {e}") from e
+
+        boxes = torch.from_numpy(self._boxes[index].copy())  # (n, 4) xyxy
+        if (new_h, new_w) != (h, w):
+            boxes = rescale_boxes(boxes, (h, w), (new_h, new_w))
+        if self._should_flip(aug_seed):
+            pixels = pixels[:, ::-1]
+            boxes = torch.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], dim=1)
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+        target = {
+            "boxes": boxes.reshape(-1, 4),
+            "labels": torch.from_numpy(self._labels[index].copy()),
+            "image_id": self.image_ids[index],
+            "orig_size": (h, w),
+        }
+        return image, target
+
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Keeps images as a list (detectors batch images of different sizes themselves)."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets

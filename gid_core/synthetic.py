@@ -1,0 +1,396 @@
+"""Deterministic synthetic COCO-format detection datasets for demos, tests and benchmarks.
+
+Objects are the handwritten digits of scikit-learn's ``load_digits`` (8x8 grey sprites that ship
+with scikit-learn: nothing is downloaded), one category per digit (``digit_0`` .. ``digit_9``,
+COCO ids 1..10). Each sprite is cropped to its ink, upscaled with bicubic interpolation to a
+jittered aspect ratio, thresholded into a mask and painted in a bright saturated colour, so the
+class is carried by the *shape*, never the colour. Train and val draw from disjoint halves of the
+digit samples.
+
+Scene recipe (one independent random stream per image, derived from ``(seed, split, index)``):
+
+* background: a random crop of one of scikit-image's bundled photographs (``skimage.data``;
+  shipped inside the package), desaturated, lowered in contrast and darkened so objects stand out;
+* clutter: 1-4 distractor shapes (ellipses, rectangles, triangles, lines) in muted colours; they
+  are never annotated;
+* objects: ``min_objects..max_objects`` per image, in three size buckets whose box areas, at
+  ``image_size=128``, fall in COCO's small (< 32^2), medium and large (> 96^2) ranges (the bucket
+  bounds are fractions of the image side, so other sizes scale the same way). The first object of
+  image ``i`` is forced into bucket ``i % 3`` so every range is populated; at most one object per
+  image is large. Objects are placed largest first and may overlap.
+* occlusion rule: a placement is rejected (and retried elsewhere, then smaller) if it would leave
+  any earlier object with less than 40 % of its mask visible, i.e. no object is more than 60 %
+  covered. Every painted object is therefore annotated, and its box is the tight box of its
+  *visible* mask pixels (``bbox`` xywh in pixel-edge coordinates, ``area`` = box area, so COCO's
+  size ranges follow the boxes).
+
+Same config ⇒ byte-identical files (PNG via Pillow, no timestamps); the annotation JSON is written
+atomically last, after stale files from an earlier run in the same folder are removed.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import gzip
+import importlib.util
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gid_core.config import SyntheticDatasetConfig
+
+__all__ = ["SIZE_BUCKETS", "load_digit_sprites", "make_synthetic_dataset", "synthetic_categories"]
+
+# Photographs bundled with scikit-image (in skimage/data/, no download needed).
+TEXTURE_SOURCES = (
+    "astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel", "coins", "moon",
+)
+# sqrt(box area) / image side per size bucket; at 128 px: small 10-28 px, medium 36-72 px,
+# large 102-113 px, i.e. areas < 32^2, in (32^2, 96^2) and > 96^2 with margins.
+SIZE_BUCKETS = {"small": (0.075, 0.22), "medium": (0.28, 0.56), "large": (0.80, 0.88)}
+BUCKET_PROBS = (0.55, 0.35, 0.10)  # small, medium, large (first object of an image is forced)
+MIN_VISIBLE = 0.4  # an object keeps at least 40 % of its mask (at most 60 % covered)
+MIN_SIDE_PX = 8
+_INK_THRESHOLD = 0.45  # upscaled digit intensity (0..1) that counts as object pixel
+_SPLITS = {"train": 0, "val": 1}
+
+
+def synthetic_categories(num_classes: int) -> list[dict]:
+    """COCO categories of a synthetic dataset: ids 1..C named ``digit_0`` .. ``digit_{C-1}``."""
+    return [{"id": d + 1, "name": f"digit_{d}", "supercategory": "digit"} for d in range(num_classes)]
+
+
+@functools.lru_cache(maxsize=1)
+def _textures() -> tuple[Image.Image, ...]:
+    import skimage.data
+
+    out = []
+    for name in TEXTURE_SOURCES:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        out.append(Image.fromarray(np.ascontiguousarray(img[:, :, :3]).astype(np.uint8)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def load_digit_sprites() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits``: ``(images (1797, 8, 8) float 0..16, labels (1797,) int)``.
+
+    Reads the CSV that ``load_digits`` reads, straight from the installed package: importing
+    ``sklearn`` itself costs seconds (SciPy), the file read costs milliseconds.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv = None
+    if spec is not None and spec.submodule_search_locations:
+        csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target.astype(np.int64)
+    with gzip.open(csv, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def _digit_pool(split: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Per digit class, the sprites of one split (train: even samples, val: odd), ink-cropped."""
+    images, labels = load_digit_sprites()
+    pool: list[list[np.ndarray]] = [[] for _ in range(10)]
+    seen = [0] * 10
+    for image, label in zip(images, labels):
+        label = int(label)
+        seen[label] += 1
+        if (seen[label] - 1) % 2 != split:
+            continue
+        sprite = image.astype(np.float32) / 16.0
+        rows, cols = np.nonzero(sprite >= 0.25)
+        pool[label].append(sprite[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+    return tuple(tuple(p) for p in pool)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float32 in [0, 1]: a muted crop of a bundled photograph."""
+    textures = _textures()
+    src = textures[rng.integers(len(textures))]
+    side = int(rng.uniform(0.3, 0.8) * min(src.size))
+    x0 = int(rng.integers(0, src.size[0] - side + 1))
+    y0 = int(rng.integers(0, src.size[1] - side + 1))
+    crop = src.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BILINEAR)
+    bg = np.asarray(crop, dtype=np.float32) / 255.0
+    if rng.random() < 0.5:
+        bg = bg[:, ::-1]
+    gray = bg.mean(axis=2, keepdims=True)
+    bg = gray + rng.uniform(0.15, 0.5) * (bg - gray)  # desaturate
+    bg = rng.uniform(0.22, 0.42) + rng.uniform(0.35, 0.65) * (bg - bg.mean())  # darken, flatten
+    bg = bg + rng.uniform(-0.04, 0.04, size=3).astype(np.float32)  # tint
+    return np.clip(bg, 0.0, 1.0).astype(np.float32)
+
+
+def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val)), dtype=np.float32)
+
+
+def _draw_distractors(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Muted shapes that are *not* objects (never annotated)."""
+    size = image.shape[0]
+    canvas = Image.fromarray((image * 255.0 + 0.5).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 5))):
+        colour = tuple(int(c * 255) for c in _colour(rng, (0.15, 0.7), (0.3, 0.75)))
+        w, h = (rng.uniform(0.08, 0.4, size=2) * size).astype(int) + 2
+        x, y = int(rng.integers(-w // 2, size)), int(rng.integers(-h // 2, size))
+        kind = int(rng.integers(4))
+        if kind == 0:
+            draw.ellipse((x, y, x + w, y + h), fill=colour if rng.random() < 0.6 else None, outline=colour)
+        elif kind == 1:
+            draw.rectangle((x, y, x + w, y + h), fill=colour if rng.random() < 0.6 else None, outline=colour)
+        elif kind == 2:
+            draw.polygon([(x, y + h), (x + w // 2, y), (x + w, y + h)], fill=colour)
+        else:
+            draw.line((x, y, x + w, y + h), fill=colour, width=int(rng.integers(1, 4)))
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def _plan_objects(rng: np.random.Generator, count: int, first_bucket: int, num_classes: int) -> list[tuple]:
+    """``(class, size_fraction, bucket)`` per object, largest first."""
+    plans = []
+    has_large = False
+    for k in range(count):
+        bucket = first_bucket if k == 0 else int(rng.choice(3, p=BUCKET_PROBS))
+        if bucket == 2 and has_large:
+            bucket = 1
+        has_large |= bucket == 2
+        lo, hi = SIZE_BUCKETS[("small", "medium", "large")[bucket]]
+        plans.append((int(rng.integers(num_classes)), float(rng.uniform(lo, hi)), bucket))
+    return sorted(plans, key=lambda p: -p[1])
+
+
+def _sprite(rng: np.random.Generator, digit: np.ndarray, side: float, bucket: int, size: int):
+    """Upscaled sprite: (alpha (h, w), mask (h, w) bool, rgb (h, w, 3)), cropped to the mask."""
+    natural = digit.shape[1] / digit.shape[0]
+    jitter = 0.12 if bucket == 2 else 0.3  # large boxes must still fit the image
+    aspect = float(np.clip(np.sqrt(natural) * np.exp(rng.uniform(-jitter, jitter)), 0.5, 2.0))
+    if bucket == 2:
+        aspect = min(max(aspect, 0.8), 1.25)
+    # Thresholding the upscaled ink trims ~1 px per edge: ask for 2 px more than the minimum.
+    w = int(round(min(max(side * np.sqrt(aspect), MIN_SIDE_PX + 2), size - 2)))
+    h = int(round(min(max(side / np.sqrt(aspect), MIN_SIDE_PX + 2), size - 2)))
+    upscaled = Image.fromarray(np.ascontiguousarray(digit)).resize((w, h), Image.BICUBIC)  # mode "F"
+    ink = np.asarray(upscaled, dtype=np.float32)
+    mask = ink >= _INK_THRESHOLD
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0 or min(np.ptp(rows), np.ptp(cols)) + 1 < MIN_SIDE_PX:
+        return None
+    crop = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    ink, mask = ink[crop], mask[crop]
+    alpha = np.clip((ink - 0.3) / 0.3, 0.0, 1.0)  # soft edge; alpha >= 0.5 exactly on the mask
+    colour = _colour(rng, (0.7, 1.0), (0.85, 1.0))
+    rgb = colour * (0.75 + 0.25 * np.clip(ink, 0.0, 1.0))[:, :, None]  # keep the stroke shading
+    return alpha, mask, rgb
+
+
+def _render_image(
+    rng: np.random.Generator,
+    *,
+    image_size: int,
+    num_classes: int,
+    min_objects: int,
+    max_objects: int,
+    first_bucket: int,
+    digits: tuple[tuple[np.ndarray, ...], ...],
+) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
+    """One scene: ``(uint8 (S, S, 3) image, [(digit class, [x, y, w, h]) ...])``."""
+    size = image_size
+    image = _draw_distractors(rng, _background(rng, size))
+    owner = np.full((size, size), -1, dtype=np.int32)  # index of the object seen at each pixel
+    placed: list[dict] = []  # per object: visible / full mask pixels, paste rect
+    classes: list[int] = []
+    count = int(rng.integers(min_objects, max_objects + 1))
+    plans = _plan_objects(rng, count, first_bucket, num_classes)
+    # Extra small objects only if crowding made us fall short of min_objects.
+    extra = [(int(rng.integers(num_classes)), SIZE_BUCKETS["small"][0], 0) for _ in range(4 * min_objects)]
+    for cls, fraction, bucket in plans + extra:
+        if len(classes) >= count:
+            break
+        pool = digits[cls]
+        digit = pool[int(rng.integers(len(pool)))]
+        side = fraction * size
+        for _ in range(3):  # shrink and retry when the scene is crowded
+            sprite = _sprite(rng, digit, side, bucket, size)
+            if sprite is not None and _place(rng, sprite, image, owner, placed):
+                classes.append(cls)
+                break
+            side = max(side * 0.7, MIN_SIDE_PX)
+    if len(classes) < min_objects:
+        raise ValueError(
+            f"could not place min_objects={min_objects} objects in a {size}px image without covering "
+            f"an object by more than {100 - 100 * MIN_VISIBLE:.0f}%; lower min_objects"
+        )
+    noise = rng.normal(0.0, 0.012, size=image.shape).astype(np.float32)
+    pixels = (np.clip(image + noise, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    objects = []
+    for j, cls in enumerate(classes):
+        y, x, h, w = placed[j]["rect"]
+        seen = owner[y : y + h, x : x + w] == j
+        rows, cols = np.flatnonzero(seen.any(axis=1)), np.flatnonzero(seen.any(axis=0))
+        x0, y0 = x + int(cols[0]), y + int(rows[0])
+        objects.append((cls, [x0, y0, int(cols[-1] - cols[0]) + 1, int(rows[-1] - rows[0]) + 1]))
+    return pixels, objects
+
+
+def _visible_min_side(owner: np.ndarray, rect: tuple[int, int, int, int], j: int) -> int:
+    """Shorter side of the tight box of object ``j``'s visible pixels inside its ``rect``."""
+    y, x, h, w = rect
+    seen = owner[y : y + h, x : x + w] == j
+    rows, cols = np.flatnonzero(seen.any(axis=1)), np.flatnonzero(seen.any(axis=0))
+    return int(min(rows[-1] - rows[0], cols[-1] - cols[0])) + 1
+
+
+def _place(rng, sprite, image, owner, placed: list[dict], tries: int = 8) -> bool:
+    """Pastes ``sprite`` at the least-overlapping of ``tries`` random spots that keeps every
+    earlier object >= MIN_VISIBLE visible with a visible box of at least MIN_SIDE_PX per side.
+
+    Preferring free space keeps sparse scenes clean; crowded scenes still get occlusion.
+    """
+    alpha, mask, rgb = sprite
+    h, w = mask.shape
+    size = owner.shape[0]
+    new_index = len(placed)
+    best = None  # (covered pixels, y, x, lost)
+    for _ in range(tries):
+        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        region = owner[y : y + h, x : x + w]
+        under = region[mask]
+        under = under[under >= 0]
+        if best is not None and under.size >= best[0]:
+            continue
+        lost = np.bincount(under, minlength=new_index)
+        if any(p["visible"] - l < MIN_VISIBLE * p["full"] for p, l in zip(placed, lost)):
+            continue
+        saved = region.copy()
+        region[mask] = new_index
+        hit = np.flatnonzero(lost)
+        slivers = any(_visible_min_side(owner, placed[j]["rect"], j) < MIN_SIDE_PX for j in hit)
+        region[...] = saved
+        if slivers:
+            continue  # would leave only a sliver of an earlier object
+        best = (under.size, y, x, lost)
+        if under.size == 0:
+            break
+    if best is None:
+        return False
+    _, y, x, lost = best
+    owner[y : y + h, x : x + w][mask] = new_index
+    for j in np.flatnonzero(lost):
+        placed[j]["visible"] -= int(lost[j])
+    area = int(mask.sum())
+    placed.append({"visible": area, "full": area, "rect": (y, x, h, w)})
+    a = alpha[:, :, None]
+    image[y : y + h, x : x + w] = image[y : y + h, x : x + w] * (1.0 - a) + rgb * a
+    return True
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_IMAGE_NAME = re.compile(r"\d{6,}\.png")
+
+
+def _write_split(cfg: SyntheticDatasetConfig, split: str, count: int) -> dict:
+    split_dir = Path(cfg.output_dir) / split
+    images_dir = split_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    ann_path = split_dir / "annotations.json"
+    # The JSON is the commit point: never leave an old one next to half-regenerated images.
+    ann_path.unlink(missing_ok=True)
+    digits = _digit_pool(_SPLITS[split])
+    images, annotations = [], []
+    names = set()
+    for i in range(count):
+        seq = np.random.SeedSequence(cfg.seed % 2**64, spawn_key=(_SPLITS[split], i))
+        pixels, objects = _render_image(
+            np.random.default_rng(seq),
+            image_size=cfg.image_size,
+            num_classes=cfg.num_classes,
+            min_objects=cfg.min_objects,
+            max_objects=cfg.max_objects,
+            first_bucket=i % 3,
+            digits=digits,
+        )
+        name = f"{i:06d}.png"
+        names.add(name)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        (images_dir / name).write_bytes(buf.getvalue())
+        images.append({"id": i + 1, "file_name": name, "width": cfg.image_size, "height": cfg.image_size})
+        for cls, (x, y, w, h) in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cls + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    for stale in images_dir.iterdir():
+        if _IMAGE_NAME.fullmatch(stale.name) and stale.name not in names:
+            stale.unlink()
+    data = {
+        "info": {"description": "GID synthetic digits", "split": split, "seed": cfg.seed, "version": 1},
+        "images": images,
+        "annotations": annotations,
+        "categories": synthetic_categories(cfg.num_classes),
+    }
+    _atomic_write_bytes(ann_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+    return {
+        "annotations": str(ann_path),
+        "images": str(images_dir),
+        "num_images": count,
+        "num_annotations": len(annotations),
+    }
+
+
+def make_synthetic_dataset(cfg: SyntheticDatasetConfig) -> dict:
+    """Writes ``<output_dir>/{train,val}/images/*.png`` and ``<output_dir>/{train,val}/annotations.json``.
+
+    Returns ``{"output_dir", "train_annotations", "train_images", "val_annotations",
+    "val_images", "num_train_images", "num_train_annotations", "num_val_images",
+    "num_val_annotations", "categories"}`` (paths as strings, JSON-serialisable).
+    """
+    result: dict = {"output_dir": str(cfg.output_dir)}
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+        info = _write_split(cfg, split, count)
+        result[f"{split}_annotations"] = info["annotations"]
+        result[f"{split}_images"] = info["images"]
+        result[f"num_{split}_images"] = info["num_images"]
+        result[f"num_{split}_annotations"] = info["num_annotations"]
+    result["categories"] = synthetic_categories(cfg.num_classes)
+    return result
