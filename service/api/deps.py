@@ -1,0 +1,72 @@
+"""Request dependencies: settings, store, a database session, and the authenticated owner.
+
+``SessionDep`` closes its session when the endpoint returns (``scope="function"``), before a file
+response starts streaming, so no database transaction (on SQLite: no write lock) outlives a handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.core.config import Settings
+from service.core.db import session_scope
+from service.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(request.app.state.session_factory) as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="API token from `gid admin create-token --owner NAME`")
+
+
+@dataclass(frozen=True)
+class OwnerRef:
+    """The authenticated owner (a plain value: no ORM object outlives the auth transaction)."""
+
+    id: str
+    name: str
+
+
+def get_current_owner(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> OwnerRef:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    owner = crud.get_owner_by_token(session, token=credentials.credentials, secret=settings.secret_key)
+    ref = OwnerRef(id=owner.id, name=owner.name) if owner is not None else None
+    session.commit()  # end the read transaction before the handler's (possibly slow) work
+    if ref is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return ref
+
+
+CurrentOwner = Annotated[OwnerRef, Depends(get_current_owner)]

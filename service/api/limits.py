@@ -1,0 +1,66 @@
+"""Request body size limits, enforced while the body streams in (before anything is spooled).
+
+Multipart uploads (``POST /v1/datasets`` and ``POST /v1/models``) get a large limit, everything
+else (JSON) a small one. A declared Content-Length over the limit is refused before reading; a chunked body is counted
+and refused once it passes the limit. Per-file limits are checked again while storing.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than the limit of {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """Limits from the app's settings (``app.state.settings``), read per request."""
+
+    def __init__(self, app: ASGIApp, *, upload_paths: frozenset[str]) -> None:
+        self.app = app
+        self.upload_paths = upload_paths
+
+    def limit_for(self, scope: Scope) -> int:
+        settings = scope["app"].state.settings
+        multipart = any(k == b"content-type" and v.startswith(b"multipart/form-data") for k, v in scope["headers"])
+        if multipart and scope["method"] == "POST" and scope["path"].rstrip("/") in self.upload_paths:
+            # Both files of a dataset upload plus form overhead; each file's own limit is checked on write.
+            return settings.max_upload_bytes + settings.max_annotation_bytes + 1024 * 1024
+        return settings.max_json_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            error = BodyTooLarge(limit)
+            await JSONResponse({"detail": error.detail}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

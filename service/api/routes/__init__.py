@@ -1,0 +1,1 @@
+"""Versioned REST routes (``/v1``) and the unauthenticated health check."""

@@ -1,0 +1,91 @@
+"""``/v1/datasets``: register a COCO dataset (server path or upload), list, get."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service import crud, datasets
+from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
+from service.errors import FieldErrors, field_error
+from service.schemas import DatasetOut, DatasetPathCreate, Page
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": DatasetPathCreate.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "annotations", "images"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 200},
+                    "annotations": {"type": "string", "format": "binary", "description": "COCO JSON"},
+                    "images": {"type": "string", "format": "binary", "description": "zip of the images"},
+                },
+            }
+        },
+    },
+}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra={"requestBody": _REQUEST_BODY})
+async def register_dataset(
+    request: Request, owner: CurrentOwner, session: SessionDep, settings: SettingsDep, storage: StorageDep
+):
+    """Register by server paths (JSON, inside the configured data roots) or by upload (multipart)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form(max_files=2, max_fields=3) as form:
+            name, annotations, images = _upload_fields(form)
+            return await run_in_threadpool(
+                datasets.register_upload, session, owner_id=owner.id, name=name, annotations=annotations.file,
+                images_zip=images.file, storage=storage, settings=settings,
+            )
+    spec = _path_body(await request.body())
+    return await run_in_threadpool(
+        datasets.register_by_path, session, owner_id=owner.id, name=spec.name, annotations=spec.annotations,
+        images=spec.images, roots=settings.data_roots, store=storage.root,
+    )
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(
+    owner: CurrentOwner, session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+):
+    items, total = crud.list_datasets(session, owner_id=owner.id, limit=limit, offset=offset)
+    return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep):
+    return crud.get_dataset(session, owner_id=owner.id, dataset_id=dataset_id)
+
+
+def _path_body(raw: bytes) -> DatasetPathCreate:
+    try:
+        return DatasetPathCreate.model_validate_json(raw)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+def _upload_fields(form) -> tuple[str, UploadFile, UploadFile]:
+    errors = []
+    name = form.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 200:
+        errors.append(field_error(["body", "name"], "required, 1 to 200 characters", "missing"))
+    for field in ("annotations", "images"):
+        if not isinstance(form.get(field), UploadFile):
+            errors.append(field_error(["body", field], "required file", "missing"))
+    if errors:
+        raise FieldErrors(errors)
+    return name, form["annotations"], form["images"]

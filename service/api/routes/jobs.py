@@ -1,0 +1,92 @@
+"""``/v1/jobs``: submit (validated, idempotent, enqueued after commit), list, status, metrics,
+cancel, artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from service import crud, jobspec, queue
+from service.api.deps import CurrentOwner, SessionDep, SettingsDep
+from service.api.files import FILE_RESPONSES, file_response
+from service.schemas import ArtifactOut, JobCreate, JobOut, MetricsOut, Page
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+@router.post("", status_code=201, response_model=JobOut, responses={200: {"description": "idempotent replay"}})
+def submit_job(
+    body: JobCreate,
+    response: Response,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+):
+    """Validate fully, store the job as ``queued``, then send it to the workers.
+
+    With an ``Idempotency-Key`` header a retried submission returns the first job (200); the same
+    key with a different body is a 409."""
+    job, created = jobspec.submit_job(
+        session, owner_id=owner.id, request=body, idempotency_key=idempotency_key, max_devices=settings.max_devices
+    )
+    if created:
+        queue.enqueue_job(job.id, broker_url=settings.redis_url)  # after the commit; failures are swept
+    else:
+        response.status_code = 200
+    return job
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    owner: CurrentOwner,
+    session: SessionDep,
+    status: StatusFilter | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    """Newest first."""
+    items, total = crud.list_jobs(session, owner_id=owner.id, status=status, limit=limit, offset=offset)
+    return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, owner: CurrentOwner, session: SessionDep):
+    return crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
+def get_metrics(
+    job_id: str,
+    owner: CurrentOwner,
+    session: SessionDep,
+    names: Annotated[str | None, Query(description="comma-separated series names; all when absent")] = None,
+    since_step: Annotated[int | None, Query(description="only points with a larger step")] = None,
+    max_points: Annotated[int, Query(ge=1, le=10_000, description="per series, downsampled by step")] = 1000,
+):
+    crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
+    series = crud.get_metrics(session, job_id=job_id, names=wanted, since_step=since_step, max_points=max_points)
+    last = max((s["steps"][-1] for s in series.values() if s["steps"]), default=None)
+    return MetricsOut(job_id=job_id, series=series, last_step=last)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"description": "already finished"}})
+def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep):
+    """Queued: cancelled at once. Running: ``cancel_requested`` is set and the worker stops it."""
+    return crud.cancel_job(session, owner_id=owner.id, job_id=job_id)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+def list_artifacts(job_id: str, owner: CurrentOwner, session: SessionDep):
+    crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
+    return crud.list_artifacts(session, job_id=job_id)
+
+
+@router.get("/{job_id}/artifacts/{name:path}", responses=FILE_RESPONSES)
+def download_artifact(job_id: str, name: str, request: Request, owner: CurrentOwner, session: SessionDep):
+    crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
+    artifact = crud.get_artifact(session, job_id=job_id, name=name)
+    return file_response(request, artifact.path, sha256=artifact.sha256, filename=artifact.name)

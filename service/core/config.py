@@ -1,0 +1,64 @@
+"""Service settings, read once from ``GID_*`` environment variables.
+
+``settings`` is the process-wide singleton the CLI and the worker use; the API takes a ``Settings``
+in ``create_app(settings)`` so tests can run several apps side by side.
+
+List settings take JSON in the environment: ``GID_DATA_ROOTS='["/datasets", "/mnt/coco"]'``.
+Outside ``env="local"`` the default secret key is refused: a production deployment must set
+``GID_SECRET_KEY`` (it keys the token hashes, so every process of one deployment needs the same one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "gid-local-development-secret-do-not-use-in-production"
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GID_", extra="ignore", validate_default=True)
+
+    env: Literal["local", "production"] = "local"
+    secret_key: str = Field(DEFAULT_SECRET_KEY, min_length=16, description="HMAC key of API token hashes")
+
+    data_dir: Path = Field(Path("data"), description="datasets, models and job outputs live here")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means sqlite:///<data_dir>/gid.db")
+    redis_url: str = "redis://localhost:6379/0"
+    data_roots: list[Path] = Field(
+        default_factory=list, description="server folders datasets may be registered from by path"
+    )
+
+    max_upload_bytes: int = Field(4096 * MiB, ge=1, description="largest uploaded file (zip, checkpoint)")
+    max_annotation_bytes: int = Field(1024 * MiB, ge=1, description="largest uploaded annotation JSON")
+    max_json_body_bytes: int = Field(4 * MiB, ge=1, description="largest non-upload request body")
+    max_unzipped_bytes: int = Field(32 * 1024 * MiB, ge=1, description="total extracted size of an images zip")
+    max_zip_members: int = Field(2_000_000, ge=1)
+    max_zip_ratio: float = Field(200.0, gt=1.0, description="largest compression ratio of one zip member")
+
+    job_lease_seconds: int = Field(60, ge=5, description="a worker's lease on a running job")
+    job_heartbeat_seconds: int = Field(15, ge=1, description="how often a worker renews its lease")
+    job_requeue_after_seconds: int = Field(120, ge=1, description="re-enqueue jobs queued this long")
+    max_attempts: int = Field(3, ge=1, description="worker losses before a job is failed")
+    max_devices: int = Field(8, ge=1, le=64, description="largest DDP world size a job may ask for")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "Settings":
+        if self.env != "local" and self.secret_key == DEFAULT_SECRET_KEY:
+            raise ValueError(f"GID_SECRET_KEY must be set when GID_ENV={self.env!r} (the default is public)")
+        if self.env != "local" and len(self.secret_key) < 32:
+            raise ValueError("GID_SECRET_KEY must be at least 32 characters outside GID_ENV=local")
+        if self.job_heartbeat_seconds * 2 > self.job_lease_seconds:
+            raise ValueError("job_heartbeat_seconds must be at most half of job_lease_seconds")
+        self.data_dir = self.data_dir.expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'gid.db'}"
+        self.data_roots = [root.expanduser().resolve() for root in self.data_roots]
+        return self
+
+
+settings = Settings()

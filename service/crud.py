@@ -1,0 +1,538 @@
+"""Every database operation of the service. Functions take the session first and keywords after.
+
+Each function is one unit of work: it commits its own transaction (or rolls back and raises).
+Job status changes are conditional ``UPDATE jobs SET ... WHERE id = :id AND status IN (...)``
+statements, never read-modify-write, so concurrent workers and API processes cannot both win; the
+allowed source statuses come from ``service.models.TRANSITIONS``.
+
+Worker API (called by ``worker/``; ``worker_id`` is any string unique to one worker process)::
+
+    claim_job(session, *, job_id, worker_id, lease_seconds, max_attempts=None) -> Job | None
+        Take the lease of a queued job, or of a running job whose lease has expired (its worker was
+        lost). Sets status running, lease_owner, lease_expires_at, heartbeat_at, started_at (first
+        time only), attempts += 1. None when the job is not claimable: it is terminal, cancelled,
+        or running under a live lease (a redelivered message: drop it).
+    renew_lease(session, *, job_id, worker_id, lease_seconds) -> LeaseState(alive, cancel_requested)
+        Heartbeat. alive=False means the lease was lost (requeued or finished elsewhere): stop
+        training without finishing the job. cancel_requested=True means the user asked to cancel:
+        stop and call finish_job(status="cancelled").
+    update_progress(session, *, job_id, worker_id, progress, latest_metrics=None) -> bool
+    add_metric_points(session, *, job_id, points: list[tuple[name, step, value]]) -> int
+        One executemany INSERT per call (call it once per log period); non-finite values are
+        skipped (JSON and SQLite cannot carry NaN); returns the number stored.
+    add_artifact(session, *, job_id, name, path, size, sha256) -> Artifact   (replaces same name)
+    create_model(session, *, owner_id, name, config, categories, path, sha256, size,
+                 source_job_id=None) -> Model
+    finish_job(session, *, job_id, worker_id, status, error=None, final_metrics=None,
+               output_model_id=None) -> bool
+        status is succeeded | failed | cancelled; only while worker_id holds the lease; releases it.
+    requeue_or_fail_stale_jobs(session, *, now=None, max_attempts) -> (requeued_ids, failed_ids)
+        Running jobs whose lease expired: back to queued while attempts < max_attempts, otherwise
+        failed with "worker lost N times". A job whose cancel was requested is cancelled instead
+        (in neither list).
+    list_queued_job_ids(session, *, older_than_seconds) -> list[str]
+        Jobs queued (or requeued) at least that long ago: re-enqueue them (lost broker messages).
+    get_job(session, *, job_id) -> Job | None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, NotFound
+from service.models import (
+    TERMINAL_STATUSES,
+    ApiToken,
+    Artifact,
+    Dataset,
+    Job,
+    JobStatus,
+    MetricPoint,
+    Model,
+    Owner,
+    allowed_sources,
+    check_transition,
+    new_id,
+    utcnow,
+)
+
+TOKEN_PREFIX = "gid_"
+
+# --------------------------------------------------------------------------------------------
+# Owners and tokens
+
+
+def hash_token(token: str, *, secret: str) -> str:
+    # Tokens are 256 random bits, so one keyed hash suffices (no slow password hash needed).
+    return hmac.new(secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+
+
+def get_or_create_owner(session: Session, *, name: str) -> Owner:
+    owner = session.scalars(select(Owner).where(Owner.name == name)).first()
+    if owner is not None:
+        return owner
+    owner = Owner(name=name)
+    session.add(owner)
+    try:
+        session.commit()
+    except IntegrityError:  # created concurrently
+        session.rollback()
+        owner = session.scalars(select(Owner).where(Owner.name == name)).one()
+    return owner
+
+
+def create_token(session: Session, *, owner_id: str, secret: str) -> str:
+    """Store a new API token for ``owner_id``; returns the plaintext (shown once, stored hashed)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(owner_id=owner_id, token_hash=hash_token(token, secret=secret)))
+    session.commit()
+    return token
+
+
+def get_owner_by_token(session: Session, *, token: str, secret: str) -> Owner | None:
+    stmt = (
+        select(Owner)
+        .join(ApiToken, ApiToken.owner_id == Owner.id)
+        .where(ApiToken.token_hash == hash_token(token, secret=secret), ApiToken.revoked_at.is_(None))
+    )
+    return session.scalars(stmt).first()
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets and models
+
+
+def create_dataset(
+    session: Session,
+    *,
+    owner_id: str,
+    name: str,
+    source: str,
+    annotations_path: str,
+    images_path: str,
+    num_images: int,
+    num_annotations: int,
+    categories: list[str],
+    dataset_id: str | None = None,
+) -> Dataset:
+    dataset = Dataset(
+        id=dataset_id or new_id(), owner_id=owner_id, name=name, source=source,
+        annotations_path=annotations_path, images_path=images_path, num_images=num_images,
+        num_annotations=num_annotations, categories=list(categories),
+    )
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def get_dataset(session: Session, *, owner_id: str, dataset_id: str) -> Dataset:
+    """The owner's dataset; ``NotFound`` if it does not exist or belongs to someone else."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.owner_id != owner_id:
+        raise NotFound("dataset", dataset_id)
+    return dataset
+
+
+def list_datasets(session: Session, *, owner_id: str, limit: int, offset: int) -> tuple[list[Dataset], int]:
+    return _page(session, Dataset, Dataset.owner_id == owner_id, limit=limit, offset=offset)
+
+
+def create_model(
+    session: Session,
+    *,
+    owner_id: str,
+    name: str,
+    config: dict[str, Any],
+    categories: Sequence[str] | None,
+    path: str,
+    sha256: str,
+    size: int,
+    source_job_id: str | None = None,
+    model_id: str | None = None,
+) -> Model:
+    """Register a checkpoint file; ``config`` is a gid_core ModelConfig dict (its weights are dropped)."""
+    config = {k: v for k, v in config.items() if k != "weights"}
+    model = Model(
+        id=model_id or new_id(), owner_id=owner_id, name=name, arch=config["arch"], config=config,
+        categories=list(categories) if categories is not None else None, path=str(path),
+        sha256=sha256, size=size, source_job_id=source_job_id,
+    )
+    session.add(model)
+    session.commit()
+    return model
+
+
+def get_model(session: Session, *, owner_id: str, model_id: str) -> Model:
+    """The owner's model; ``NotFound`` if it does not exist or belongs to someone else."""
+    model = session.get(Model, model_id)
+    if model is None or model.owner_id != owner_id:
+        raise NotFound("model", model_id)
+    return model
+
+
+def list_models(session: Session, *, owner_id: str, limit: int, offset: int) -> tuple[list[Model], int]:
+    return _page(session, Model, Model.owner_id == owner_id, limit=limit, offset=offset)
+
+
+def _page(session: Session, entity, *where: ColumnElement[bool], limit: int, offset: int):
+    total = session.scalar(select(func.count()).select_from(entity).where(*where))
+    items = session.scalars(
+        select(entity).where(*where).order_by(entity.created_at.desc(), entity.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(items), int(total or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: API side
+
+
+def get_job_by_idempotency_key(session: Session, *, owner_id: str, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)).first()
+
+
+def create_job(
+    session: Session,
+    *,
+    owner_id: str,
+    kind: str,
+    name: str | None,
+    config: dict[str, Any],
+    engine_config: dict[str, Any],
+    request_hash: str,
+    idempotency_key: str | None,
+    train_dataset_id: str,
+    val_dataset_id: str | None = None,
+    teacher_model_id: str | None = None,
+    init_model_id: str | None = None,
+    progress: dict[str, Any] | None = None,
+) -> tuple[Job, bool]:
+    """Insert a queued job; returns ``(job, created)``.
+
+    With an idempotency key already used by this owner (a concurrent retry won the race), returns
+    ``(existing_job, False)``: the caller compares ``request_hash``.
+    """
+    now = utcnow()
+    job = Job(
+        owner_id=owner_id, kind=kind, name=name, status=JobStatus.QUEUED.value, config=config,
+        engine_config=engine_config, request_hash=request_hash, idempotency_key=idempotency_key,
+        train_dataset_id=train_dataset_id, val_dataset_id=val_dataset_id,
+        teacher_model_id=teacher_model_id, init_model_id=init_model_id,
+        progress=progress or {}, created_at=now, updated_at=now,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        existing = get_job_by_idempotency_key(session, owner_id=owner_id, key=idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def get_owned_job(session: Session, *, owner_id: str, job_id: str) -> Job:
+    """The owner's job; ``NotFound`` if it does not exist or belongs to someone else."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.owner_id != owner_id:
+        raise NotFound("job", job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, *, owner_id: str, status: str | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[Job], int]:
+    where = [Job.owner_id == owner_id]
+    if status is not None:
+        where.append(Job.status == status)
+    return _page(session, Job, *where, limit=limit, offset=offset)
+
+
+def cancel_job(session: Session, *, owner_id: str, job_id: str) -> Job:
+    """Queued -> cancelled at once; running -> cancel_requested (the worker stops it); else ``Conflict``."""
+    get_owned_job(session, owner_id=owner_id, job_id=job_id)
+    for _ in range(3):  # the job may start between the two conditional updates: look again
+        now = utcnow()
+        if _set_status(session, job_id, JobStatus.CANCELLED, Job.status == JobStatus.QUEUED.value, finished_at=now):
+            break
+        requested = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+            .values(cancel_requested=True, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if requested.rowcount == 1:
+            break
+        current = session.scalar(select(Job.status).where(Job.id == job_id))
+        if current in TERMINAL_STATUSES:
+            session.rollback()
+            raise Conflict(f"job '{job_id}' is already {current}")
+    session.commit()
+    return get_owned_job(session, owner_id=owner_id, job_id=job_id)
+
+
+def _set_status(session: Session, job_id: str, target: JobStatus, *where: ColumnElement[bool], **values) -> bool:
+    """Conditional status change (no commit): only from the statuses the state machine allows."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(allowed_sources(target)), *where)
+        .values(status=target.value, updated_at=values.pop("updated_at", utcnow()), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and artifacts
+
+
+def get_metrics(
+    session: Session,
+    *,
+    job_id: str,
+    names: Sequence[str] | None = None,
+    since_step: int | None = None,
+    max_points: int = 1000,
+) -> dict[str, dict[str, Any]]:
+    """Series by name: ``{name: {"steps", "values", "count", "downsampled"}}``, steps ascending.
+
+    Only points with ``step > since_step``. A series with more than ``max_points`` points is cut
+    into at most ``max_points`` equal step buckets, each reported as (last step, mean value), so a
+    long run stays cheap to poll. A step logged twice (a resumed attempt) keeps its newest value.
+    """
+    where = [MetricPoint.job_id == job_id]
+    if since_step is not None:
+        where.append(MetricPoint.step > since_step)
+    if names:
+        where.append(MetricPoint.name.in_(list(names)))
+    stats = session.execute(
+        select(MetricPoint.name, func.count(), func.min(MetricPoint.step), func.max(MetricPoint.step))
+        .where(*where)
+        .group_by(MetricPoint.name)
+        .order_by(MetricPoint.name)
+    ).all()
+    series: dict[str, dict[str, Any]] = {}
+    for name, count, lo, hi in stats:
+        named = [*where, MetricPoint.name == name]
+        if count <= max_points:
+            rows = session.execute(
+                select(MetricPoint.step, MetricPoint.value).where(*named).order_by(MetricPoint.step, MetricPoint.id)
+            ).all()
+            latest = dict((int(step), float(value)) for step, value in rows)  # later ids win
+            steps, values = list(latest), list(latest.values())
+        else:
+            width = math.ceil((hi - lo + 1) / max_points)  # steps per bucket: (hi - lo) // width < max_points
+            bucket = (MetricPoint.step - lo) // width
+            rows = session.execute(
+                select(func.max(MetricPoint.step), func.avg(MetricPoint.value))
+                .where(*named)
+                .group_by(bucket)
+                .order_by(func.max(MetricPoint.step))
+            ).all()
+            steps, values = [int(s) for s, _ in rows], [float(v) for _, v in rows]
+        series[name] = {"steps": steps, "values": values, "count": int(count), "downsampled": count > max_points}
+    session.commit()  # read-only: end the transaction (SQLite holds its lock until then)
+    return series
+
+
+def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact:
+    artifact = session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).first()
+    if artifact is None:
+        raise NotFound("artifact", name)
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: worker side (see the module docstring)
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    alive: bool
+    cancel_requested: bool
+
+
+def get_job(session: Session, *, job_id: str) -> Job | None:
+    job = session.get(Job, job_id, populate_existing=True)
+    session.commit()  # end the read transaction; the row stays loaded (expire_on_commit=False)
+    return job
+
+
+def claim_job(
+    session: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int | None = None
+) -> Job | None:
+    now = utcnow()
+    takeover = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    where = [Job.id == job_id, or_(Job.status == JobStatus.QUEUED.value, takeover), Job.cancel_requested.is_(False)]
+    if max_attempts is not None:
+        where.append(Job.attempts < max_attempts)
+    claimed = session.execute(
+        update(Job)
+        .where(*where)
+        .values(
+            status=JobStatus.RUNNING.value,
+            lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:
+        session.rollback()
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    session.commit()
+    return job
+
+
+def renew_lease(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    session.commit()
+    return LeaseState(alive=renewed.rowcount == 1, cancel_requested=bool(cancel))
+
+
+def update_progress(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    progress: dict[str, Any],
+    latest_metrics: dict[str, Any] | None = None,
+) -> bool:
+    """Record progress (and the newest metric values) while ``worker_id`` holds the lease."""
+    values: dict[str, Any] = {"progress": json_safe(progress), "updated_at": utcnow()}
+    if latest_metrics is not None:
+        values["latest_metrics"] = json_safe(latest_metrics)
+    result = session.execute(
+        update(Job).where(*_held_by(job_id, worker_id)).values(**values).execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def add_metric_points(session: Session, *, job_id: str, points: Iterable[tuple[str, int, float]]) -> int:
+    rows = [
+        {"job_id": job_id, "name": str(name), "step": int(step), "value": float(value)}
+        for name, step, value in points
+        if math.isfinite(float(value))
+    ]
+    if rows:
+        session.execute(insert(MetricPoint), rows)  # a list of parameter sets: one executemany
+        session.commit()
+    return len(rows)
+
+
+def add_artifact(session: Session, *, job_id: str, name: str, path: str, size: int, sha256: str) -> Artifact:
+    """Record an output file of the job (a retried attempt replaces its earlier record)."""
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    artifact = Artifact(job_id=job_id, name=name, path=str(path), size=int(size), sha256=sha256)
+    session.add(artifact)
+    session.commit()
+    return artifact
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    status: str,
+    error: str | None = None,
+    final_metrics: dict[str, Any] | None = None,
+    output_model_id: str | None = None,
+) -> bool:
+    target = JobStatus(status)
+    if target not in TERMINAL_STATUSES:
+        raise ValueError(f"finish_job: status must be one of {sorted(TERMINAL_STATUSES)}, got {status!r}")
+    check_transition(JobStatus.RUNNING, target)
+    now = utcnow()
+    done = _set_status(
+        session, job_id, target, *_held_by(job_id, worker_id)[1:],
+        error=error, final_metrics=json_safe(final_metrics), output_model_id=output_model_id,
+        finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now,
+    )
+    session.commit()
+    return done
+
+
+def requeue_or_fail_stale_jobs(
+    session: Session, *, now: datetime | None = None, max_attempts: int
+) -> tuple[list[str], list[str]]:
+    now = now or utcnow()
+    stale = session.execute(
+        select(Job.id, Job.attempts, Job.lease_owner, Job.cancel_requested).where(
+            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now
+        )
+    ).all()
+    requeued: list[str] = []
+    failed: list[str] = []
+    for job_id, attempts, lease_owner, cancel_requested in stale:
+        # Guard on what was read: a worker renewing or re-claiming meanwhile makes this a no-op.
+        unchanged = (Job.lease_owner == lease_owner, Job.attempts == attempts, Job.lease_expires_at < now)
+        release = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+        if cancel_requested:
+            _set_status(session, job_id, JobStatus.CANCELLED, *unchanged, finished_at=now, **release)
+        elif attempts < max_attempts:
+            if _set_status(session, job_id, JobStatus.QUEUED, *unchanged, **release):
+                requeued.append(job_id)
+        elif _set_status(
+            session, job_id, JobStatus.FAILED, *unchanged, finished_at=now,
+            error=f"worker lost {attempts} times", **release,
+        ):
+            failed.append(job_id)
+        session.commit()
+    session.commit()  # ends the read transaction when nothing was stale
+    return requeued, failed
+
+
+def list_queued_job_ids(session: Session, *, older_than_seconds: float) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    ids = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED.value, Job.updated_at <= cutoff)
+        .order_by(Job.created_at)
+    ).all()
+    session.commit()
+    return list(ids)
+
+
+def _held_by(job_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
+    return (Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == worker_id)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (JSON has no NaN; PostgreSQL refuses it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

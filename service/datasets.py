@@ -1,0 +1,165 @@
+"""Dataset registration: by server path (confined to ``settings.data_roots``) or by upload.
+
+Either way the dataset is validated with ``gid_core.data.validate_coco_dataset`` before a row is
+written, and a refusal lists every problem found. Nothing partial survives a failure: uploads are
+built in a staging folder and renamed into ``datasets/<id>/`` only once valid; the folder is removed
+again if the row cannot be inserted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from gid_core.data import validate_coco_dataset
+from service import crud
+from service.core.config import Settings
+from service.errors import FieldErrors, field_error
+from service.models import Dataset, new_id
+from service.storage import Storage, UnsafeArchive, copy_fileobj, extract_zip
+
+# Problems about image files rather than the annotation JSON (reported on the "images" field).
+_IMAGE_PROBLEM = re.compile(r"images folder |: file '.*' not found|cannot read image '|but '.*' is \d+x\d+")
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    num_images: int
+    num_annotations: int
+    categories: list[str]  # names in label order (sorted by COCO category id)
+
+
+def validate_dataset(annotations: Path, images: Path, *, hide_prefix: Path | None = None) -> DatasetSummary:
+    """Validate with gid_core; ``FieldErrors`` listing every problem, else the counts."""
+    data, problems = validate_coco_dataset(annotations, images)
+    if problems:
+        errors = []
+        for problem in problems:
+            if hide_prefix is not None:  # staging paths mean nothing to the client
+                problem = problem.replace(f"{hide_prefix}/", "").replace(str(hide_prefix), "<upload>")
+            field = "images" if _IMAGE_PROBLEM.search(problem) else "annotations"
+            errors.append(field_error(["body", field], problem, "invalid_dataset"))
+        raise FieldErrors(errors)
+    categories = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    return DatasetSummary(len(data["images"]), len(data["annotations"]), categories)
+
+
+def confine(value: str, field: str, roots: list[Path], *, want_dir: bool, store: Path | None = None) -> Path:
+    """Resolve ``value`` (symlinks and ``..`` included) and require it inside one of ``roots``.
+
+    Outside every root, or inside the service's own store (``store``: other owners' uploads, job
+    outputs, the database) even where a root covers it: 403, checked before existence so paths
+    outside cannot be probed. Relative, missing or of the wrong kind: 422.
+    """
+    loc = ["body", field]
+    if not roots:
+        raise FieldErrors.one(loc, "registration by server path is disabled (no data_roots configured)", "path_not_allowed", 403)
+    path = Path(value)
+    if not path.is_absolute():
+        raise FieldErrors.one(loc, f"'{value}' must be an absolute path", "path_not_absolute")
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise FieldErrors.one(
+            loc, f"'{value}' resolves outside the allowed data roots {[str(r) for r in roots]}", "path_not_allowed", 403
+        )
+    if store is not None and _inside_store(resolved, store.resolve()):
+        raise FieldErrors.one(loc, f"'{value}' is inside the service's own data store", "path_not_allowed", 403)
+    if want_dir and not resolved.is_dir():
+        raise FieldErrors.one(loc, f"'{value}' is not an existing directory", "path_not_found")
+    if not want_dir and not resolved.is_file():
+        raise FieldErrors.one(loc, f"'{value}' is not an existing file", "path_not_found")
+    return resolved
+
+
+def _inside_store(path: Path, store: Path) -> bool:
+    managed = ("datasets", "models", "jobs", "tmp")
+    return path == store or path.parent == store or any(path.is_relative_to(store / m) for m in managed)
+
+
+def register_by_path(
+    session: Session,
+    *,
+    owner_id: str,
+    name: str,
+    annotations: str,
+    images: str,
+    roots: list[Path],
+    store: Path | None = None,
+) -> Dataset:
+    errors, paths = [], {}
+    for field, value, want_dir in (("annotations", annotations, False), ("images", images, True)):
+        try:
+            paths[field] = confine(value, field, roots, want_dir=want_dir, store=store)
+        except FieldErrors as e:
+            errors.append(e)
+    if errors:
+        status = 403 if any(e.status_code == 403 for e in errors) else 422
+        raise FieldErrors([err for e in errors for err in e.errors], status_code=status)
+    summary = validate_dataset(paths["annotations"], paths["images"])
+    return crud.create_dataset(
+        session, owner_id=owner_id, name=name, source="path", annotations_path=str(paths["annotations"]),
+        images_path=str(paths["images"]), num_images=summary.num_images,
+        num_annotations=summary.num_annotations, categories=summary.categories,
+    )
+
+
+def register_upload(
+    session: Session,
+    *,
+    owner_id: str,
+    name: str,
+    annotations: BinaryIO,
+    images_zip: BinaryIO,
+    storage: Storage,
+    settings: Settings,
+) -> Dataset:
+    """Store the annotation JSON and the images zip, extract safely, validate, then insert."""
+    dataset_id = new_id()
+    staging = storage.staging_dir()
+    try:
+        copy_fileobj(annotations, staging / "annotations.json", max_bytes=settings.max_annotation_bytes, field="annotations")
+        archive = copy_fileobj(images_zip, staging / "images.zip", max_bytes=settings.max_upload_bytes, field="images")
+        try:
+            extract_zip(
+                archive.path, staging / "images", max_members=settings.max_zip_members,
+                max_total_bytes=settings.max_unzipped_bytes, max_ratio=settings.max_zip_ratio,
+            )
+        except UnsafeArchive as e:
+            raise FieldErrors.one(["body", "images"], str(e), "unsafe_archive") from None
+        archive.path.unlink()
+        images_root, summary = _validate_upload(staging)
+        final = storage.dataset_dir(dataset_id)
+        storage.publish_dir(staging, final)
+    except BaseException:
+        storage.remove(staging)
+        raise
+    try:
+        return crud.create_dataset(
+            session, owner_id=owner_id, name=name, source="upload", dataset_id=dataset_id,
+            annotations_path=str(final / "annotations.json"), images_path=str(final / images_root),
+            num_images=summary.num_images, num_annotations=summary.num_annotations, categories=summary.categories,
+        )
+    except BaseException:
+        storage.remove(final)
+        raise
+
+
+def _validate_upload(staging: Path) -> tuple[Path, DatasetSummary]:
+    """Validate against the zip's root; if that fails and the zip wraps everything in one folder
+    (``zip -r images.zip images/``), try that folder as the root. Returns (root relative, summary)."""
+    root = staging / "images"
+    try:
+        return root.relative_to(staging), validate_dataset(staging / "annotations.json", root, hide_prefix=staging)
+    except FieldErrors as first:
+        entries = [p for p in root.iterdir() if p.name != "__MACOSX"]
+        if len(entries) != 1 or not entries[0].is_dir():
+            raise
+        try:
+            nested = entries[0]
+            return nested.relative_to(staging), validate_dataset(staging / "annotations.json", nested, hide_prefix=staging)
+        except FieldErrors:
+            raise first from None

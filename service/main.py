@@ -1,0 +1,76 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Run it with ``uvicorn --factory service.main:create_app``. Start-up migrates the database to the
+newest Alembic revision before the first request is served. Every ``/v1`` route needs
+``Authorization: Bearer <token>``; ``/healthz`` and the OpenAPI pages (``/docs``) do not.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from service.api.limits import BodySizeLimitMiddleware
+from service.api.routes import datasets, health, jobs, models
+from service.core.config import Settings
+from service.core.config import settings as default_settings
+from service.core.db import make_engine, make_session_factory
+from service.errors import Conflict, FieldErrors, NotFound, field_error
+from service.migrate import upgrade_to_head
+from service.models import IllegalTransition
+from service.storage import Storage, UploadTooLarge
+
+log = logging.getLogger(__name__)
+UPLOAD_PATHS = frozenset({"/v1/datasets", "/v1/models"})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or default_settings
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(upgrade_to_head, settings.database_url)
+        await run_in_threadpool(app.state.storage.purge_stale_tmp)
+        log.info("database at head; data in %s", settings.data_dir)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="GID training service",
+        description="General Instance Distillation for object detection: datasets, models, jobs.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.storage = Storage(settings.data_dir)
+    app.add_middleware(BodySizeLimitMiddleware, upload_paths=UPLOAD_PATHS)
+    _add_error_handlers(app)
+    for module in (health, datasets, models, jobs):
+        app.include_router(module.router)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FieldErrors)
+    async def _field_errors(_: Request, exc: FieldErrors) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Conflict)
+    @app.exception_handler(IllegalTransition)
+    async def _conflict(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_: Request, exc: UploadTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": [field_error(["body", exc.field], str(exc), "too_large")]}, status_code=413)

@@ -1,0 +1,55 @@
+"""Hand a committed job to the workers: one Celery message on the Redis broker.
+
+The API enqueues only after the job row is committed, so a worker never receives an id it cannot
+find. The database, not the broker, is the source of truth: if the broker is down the job simply
+stays ``queued`` and the worker side's sweep (``crud.list_queued_job_ids``) sends it again later; a
+message delivered twice is harmless because ``crud.claim_job`` lets only one worker run a job.
+
+This module does not import ``worker/``: it sends the task by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from service.core.config import settings
+
+TASK_NAME = "gid.run_job"
+QUEUE_NAME = "gid.jobs"
+# Fail fast when Redis is unreachable: the request must not hang, the sweep will retry.
+_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+
+log = logging.getLogger(__name__)
+_apps: dict[str, Celery] = {}
+_apps_lock = threading.Lock()
+
+
+def _producer_app(broker_url: str) -> Celery:
+    with _apps_lock:
+        app = _apps.get(broker_url)
+        if app is None:
+            app = Celery("gid-service-producer", broker=broker_url)
+            app.conf.update(
+                broker_connection_timeout=3,
+                broker_connection_retry_on_startup=False,
+                broker_transport_options={"socket_connect_timeout": 3, "socket_timeout": 5},
+                task_serializer="json",
+            )
+            _apps[broker_url] = app
+        return app
+
+
+def enqueue_job(job_id: str, *, broker_url: str | None = None) -> bool:
+    """Send ``gid.run_job(job_id)`` to the ``gid.jobs`` queue; False (logged) if the broker failed."""
+    try:
+        _producer_app(broker_url or settings.redis_url).send_task(
+            TASK_NAME, args=[job_id], queue=QUEUE_NAME, retry=True, retry_policy=_RETRY_POLICY
+        )
+    except Exception as e:  # noqa: BLE001 - any broker failure leaves the job queued for the sweep
+        log.warning("could not enqueue job %s (%s: %s); it stays queued and the sweep will send it again",
+                    job_id, type(e).__name__, e)
+        return False
+    return True

