@@ -1,0 +1,152 @@
+"""Atomic checkpoints that load with ``torch.load(weights_only=True)``, and RNG state capture.
+
+A checkpoint is written to a temporary file in the checkpoint directory, flushed and fsynced,
+renamed over its final name and the directory fsynced; only then is the ``last`` pointer (a small
+text file holding the checkpoint's file name) replaced the same way. A crash at any point leaves
+the previous checkpoint and pointer untouched. Everything saved must be tensors, primitives,
+lists and dicts, so loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+POINTER = "last"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.pt$")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any, *, binary: bool = True) -> None:
+    """Calls ``write(file)`` on a temp file beside ``path``, fsyncs it and renames it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is for secrets; these are not
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in ``directory``, keeping the newest ``keep`` of them."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def save(self, name: str, state: dict[str, Any]) -> Path:
+        """Writes ``state`` as ``name`` (``.pt`` added if missing) and points ``last`` at it."""
+        filename = name if name.endswith(".pt") else f"{name}.pt"
+        if not _NAME.match(filename):
+            raise ValueError(f"invalid checkpoint name {name!r}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / filename
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(self.directory / POINTER, lambda f: f.write(filename.encode()))
+        self._prune(keep_name=filename)
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        files = [p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_file()]
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def latest_path(self) -> Path | None:
+        pointer = self.directory / POINTER
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if not _NAME.match(name):
+                raise ValueError(f"{pointer}: invalid checkpoint name {name!r}")
+            path = self.directory / name
+            if path.is_file():
+                return path
+            logger.warning("%s names missing checkpoint %s; using the newest file", pointer, name)
+        # The pointer is written after its checkpoint, so a file without a pointer is complete.
+        files = self.checkpoints()
+        return files[-1] if files else None
+
+    def load_latest(self) -> dict[str, Any] | None:
+        path = self.latest_path()
+        if path is None:
+            return None
+        logger.info("loading checkpoint %s", path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _prune(self, keep_name: str) -> None:
+        files = [p for p in self.checkpoints() if p.name != keep_name]
+        for old in files[: max(len(files) - (self.keep - 1), 0)]:
+            old.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states as weights_only-loadable values."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(
+        (np_name, np.asarray(np_keys, dtype=np.int64).astype(np.uint32), np_pos, np_has_gauss, np_gauss)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,395 @@
+"""Running one ``JobConfig``: models, data, optimiser, hooks, resume, final evaluation, export.
+
+``run_job`` is called in every rank after the process group is up (``launch`` does that;
+``run_job_launched`` is the one-call version). It is restartable: with ``resume=True`` it
+continues from ``output_dir/checkpoints`` exactly where the last checkpoint left off.
+
+Output directory::
+
+    checkpoints/ckpt_0000500.pt, checkpoints/last   resumable state
+    train_log.jsonl                                  reported training metrics (rank 0)
+    export/model.safetensors, export/metadata.json   the student (completed runs)
+    metrics.json                                     final evaluation (completed runs)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .checkpoint import Checkpointer, atomic_write, seed_everything
+from .config import EvalConfig, Hyperparameters, JobConfig, ModelConfig
+from .data import CocoDetectionDataset, collate_detection
+from .export import export_student
+from .hooks import CheckpointHook, EvalHook, HookBase, MetricsHook, log_metrics
+from .launch import barrier, default_device, get_rank, get_world_size, launch
+from .sampler import ResumableLoader, ResumableSampler
+from .trainer import Trainer, build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+HookFactory = Callable[[int], Iterable[HookBase]]
+
+
+class JobSetupError(ValueError):
+    """The job cannot start as configured (data and model disagree, a checkpoint of another
+    model is in the way): a user error, reported without a traceback by the CLI."""
+
+
+def check_dataset(annotations: Any, images: Any, num_classes: int, field: str) -> None:
+    """Raises ``DatasetValidationError`` listing every problem of the dataset, or
+    ``JobSetupError`` when its category count is not ``num_classes``."""
+    from .data import DatasetValidationError, validate_coco_dataset
+
+    data, problems = validate_coco_dataset(annotations, images)
+    if problems:
+        raise DatasetValidationError(problems, annotations)
+    if len(data["categories"]) != num_classes:
+        raise JobSetupError(
+            f"{field} ({num_classes}) != the {len(data['categories'])} categories of {annotations}"
+        )
+
+
+def check_job_inputs(job: JobConfig) -> None:
+    """The dataset checks ``run_job`` makes, without building anything."""
+    check_dataset(job.data.train_annotations, job.data.train_images, job.student.num_classes,
+                  "student.num_classes")
+    if job.data.val_annotations is not None:
+        check_dataset(job.data.val_annotations, job.data.val_images, job.student.num_classes,
+                      "student.num_classes")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_training_model(job: JobConfig, device: torch.device, world_size: int) -> tuple[nn.Module, nn.Module]:
+    """``(model the trainer steps, student)``: the student itself, or a ``GIDDistiller`` around a
+    frozen, trained teacher and the student."""
+    from .models import build_detector
+
+    student = build_detector(job.student)
+    if device.type == "cuda" and world_size > 1 and job.hyperparameters.sync_batchnorm:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student.to(device)
+    if job.kind == "train":
+        return student, student
+    from .distill import GIDDistiller
+
+    assert job.teacher is not None  # JobConfig guarantees it
+    teacher = build_detector(job.teacher).to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return GIDDistiller(teacher, student, job.hyperparameters.distill), student
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    # Every trainable parameter takes part in every step (GIDDistiller keeps a switched-off
+    # adapter in the graph at weight 0), so DDP needs no unused-parameter search.
+    # Buffers (BatchNorm running statistics) follow rank 0 so every rank holds the model rank 0
+    # checkpoints; the keyword was renamed in recent PyTorch.
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = {"forward_sync_buffers": True} if "forward_sync_buffers" in params else {"broadcast_buffers": True}
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        **sync,
+    )
+
+
+def build_train_loader(
+    dataset: CocoDetectionDataset, hp: Hyperparameters, *, rank: int, world_size: int, device: torch.device
+) -> ResumableLoader:
+    sampler = ResumableSampler(
+        len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, batch_size=hp.batch_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_detection,
+        num_workers=hp.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        # Its own generator: creating an epoch's iterator must not draw from the global RNG,
+        # or a resumed run's random stream would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(hp.seed),
+    )
+    return ResumableLoader(loader, sampler)
+
+
+def build_eval_loader(
+    dataset: CocoDetectionDataset, *, batch_size: int, num_workers: int, rank: int, world_size: int,
+    device: torch.device,
+) -> DataLoader:
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        if world_size > 1
+        else None
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=collate_detection,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _jsonl_writer(path: Path) -> Callable[[int, dict[str, float]], None]:
+    def write(iteration: int, metrics: dict[str, float]) -> None:
+        log_metrics(iteration, metrics)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+
+    return write
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode()))
+
+
+class JobInfoHook(HookBase):
+    """Records the job's model settings in checkpoints and refuses to resume a different model."""
+
+    KEYS = ("kind", "student", "teacher")
+
+    def __init__(self, job: JobConfig) -> None:
+        dumped = job.model_dump(mode="json")
+        for name in ("student", "teacher"):  # initial weights do not matter once resumed
+            if dumped.get(name):
+                dumped[name] = {**dumped[name], "weights": None}
+        self.info = {k: dumped[k] for k in self.KEYS}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"job": self.info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("job", {})
+        for key in self.KEYS:
+            if key in saved and saved[key] != self.info[key]:
+                raise JobSetupError(
+                    f"cannot resume: the checkpoint's {key} ({saved[key]}) differs from the job's "
+                    f"({self.info[key]}); use another output directory or resume=False"
+                )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def load_job_datasets(job: JobConfig) -> tuple[CocoDetectionDataset, CocoDetectionDataset | None]:
+    """The train set (with flip augmentation) and the optional val set, resized like the student."""
+    s, hp = job.student, job.hyperparameters
+    train_ds = CocoDetectionDataset(job.data.train_annotations, job.data.train_images, train=True,
+                                    flip_prob=hp.flip_prob, min_size=s.min_size, max_size=s.max_size)
+    val_ds = None
+    if job.data.val_annotations is not None:
+        val_ds = CocoDetectionDataset(job.data.val_annotations, job.data.val_images, train=False,
+                                      min_size=s.min_size, max_size=s.max_size)
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        if ds is not None and ds.num_classes != s.num_classes:
+            raise JobSetupError(f"student.num_classes ({s.num_classes}) != the {ds.num_classes} "
+                                f"categories of the {name} set {ds.annotations_path}")
+    if val_ds is not None and val_ds.categories != train_ds.categories:
+        raise JobSetupError("the val set's categories (ids and names) differ from the train set's")
+    return train_ds, val_ds
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drops log rows past ``iteration``: a resumed run logs those iterations again."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+
+
+def _resolve_ranks(rank: int | None, world_size: int | None, batch_size: int) -> tuple[int, int]:
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if (rank, world_size) != (get_rank(), get_world_size()):
+        raise ValueError(f"rank/world_size {rank}/{world_size} do not match the process group "
+                         f"({get_rank()}/{get_world_size()})")
+    if batch_size % world_size:
+        raise JobSetupError(f"hyperparameters.batch_size ({batch_size}) must be divisible by {world_size} ranks")
+    return rank, world_size
+
+
+def run_job(
+    job: JobConfig,
+    *,
+    output_dir: str | os.PathLike[str],
+    hooks: Iterable[HookBase] = (),
+    resume: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """Trains (or distils) ``job`` in this rank. Returns ``{"status": "completed" | "cancelled",
+    "metrics": final evaluation (rank 0; {} elsewhere or without a val set), "export_dir": str or
+    None (cancelled), "iterations": completed iterations}``."""
+    hp = job.hyperparameters
+    rank, world_size = _resolve_ranks(rank, world_size, hp.batch_size)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    train_ds, val_ds = load_job_datasets(job)
+
+    seed_everything(hp.seed)  # identical initial weights on every rank (DDP broadcasts anyway)
+    model, student = build_training_model(job, device, world_size)
+    seed_everything(hp.seed + rank)  # per-rank stream for training-time randomness
+    optimizer = build_optimizer(model, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    scheduler = build_lr_scheduler(
+        optimizer, max_iters=hp.max_iters, schedule=hp.schedule, warmup_iters=hp.warmup_iters,
+        warmup_factor=hp.warmup_factor, steps=hp.steps, gamma=hp.gamma,
+    )
+    data = build_train_loader(train_ds, hp, rank=rank, world_size=world_size, device=device)
+    evaluate = None
+    if val_ds is not None:
+        val_loader = build_eval_loader(val_ds, batch_size=max(1, hp.batch_size // world_size),
+                                       num_workers=hp.num_workers, rank=rank, world_size=world_size, device=device)
+        evaluate = functools.partial(_evaluate, student, val_loader, val_ds, device)
+
+    checkpointer = Checkpointer(output_dir / "checkpoints", keep=hp.keep_checkpoints)
+    all_hooks: list[HookBase] = [JobInfoHook(job), CheckpointHook(checkpointer, hp.checkpoint_period)]
+    if evaluate is not None and hp.eval_period:
+        all_hooks.append(EvalHook(evaluate, hp.eval_period, eval_at_end=False))  # final eval below
+    all_hooks.append(MetricsHook(_jsonl_writer(output_dir / "train_log.jsonl"), hp.log_period))
+    all_hooks.extend(hooks)
+    trainer = Trainer(
+        wrap_ddp(model, device) if world_size > 1 else model, optimizer, data, max_iters=hp.max_iters,
+        scheduler=scheduler, device=device, amp=hp.amp, grad_clip=hp.grad_clip, hooks=all_hooks,
+    )
+    state = checkpointer.load_latest() if resume else None
+    if state is not None:
+        trainer.load_state_dict(state)
+        logger.info("resumed from iteration %d", trainer.iter)
+        if rank == 0:
+            _truncate_log(output_dir / "train_log.jsonl", trainer.iter)
+    del state  # the checkpoint's tensors: not kept through training
+    try:
+        status = trainer.train()
+    finally:
+        data.close()
+    return _finish_job(job, status, trainer.iter, student, train_ds.categories, evaluate, output_dir, rank)
+
+
+def _evaluate(student: nn.Module, loader: DataLoader, dataset: CocoDetectionDataset,
+              device: torch.device) -> dict[str, Any]:
+    from .evaluation import evaluate_coco
+
+    return evaluate_coco(student, loader, dataset, device)
+
+
+def _finish_job(
+    job: JobConfig, status: str, iterations: int, student: nn.Module, categories: list[dict],
+    evaluate: Callable[[], dict[str, Any]] | None, output_dir: Path, rank: int,
+) -> dict[str, Any]:
+    """After a completed run: final evaluation on every rank; rank 0 exports and writes metrics."""
+    if status != "completed":
+        return {"status": status, "metrics": {}, "export_dir": None, "iterations": iterations}
+    metrics = evaluate() if evaluate is not None else {}
+    export_dir = output_dir / "export"
+    if rank == 0:
+        export_student(student, job.student, export_dir, categories=categories,
+                       training_config=job.model_dump(mode="json"), metrics=metrics)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+    barrier()  # the export exists for every rank that returns its path
+    return {"status": status, "metrics": metrics, "export_dir": str(export_dir), "iterations": iterations}
+
+
+def _launched_job(
+    rank: int, world_size: int, job: JobConfig, output_dir: str, hook_factory: HookFactory | None,
+    resume: bool, log_level: int,
+) -> dict[str, Any]:
+    if not logging.getLogger().handlers:  # a spawned child starts without logging config
+        logging.basicConfig(level=log_level if rank == 0 else logging.WARNING,
+                            format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    hooks = list(hook_factory(rank)) if hook_factory is not None else []
+    return run_job(job, output_dir=output_dir, hooks=hooks, resume=resume, rank=rank, world_size=world_size)
+
+
+def run_job_launched(
+    job: JobConfig,
+    output_dir: str | os.PathLike[str],
+    hook_factory: HookFactory | None = None,
+    *,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """``run_job`` on ``job.devices`` processes; returns rank 0's result. ``hook_factory(rank)``
+    builds each process's extra hooks and must be picklable (a top-level function or a
+    ``functools.partial`` of one)."""
+    return launch(
+        _launched_job, job.devices, job, str(output_dir), hook_factory, resume,
+        logging.getLogger().getEffectiveLevel(),
+    )
+
+
+# --------------------------------------------------------------------------- evaluation jobs
+
+
+def load_model_for_eval(cfg: ModelConfig) -> nn.Module:
+    """A detector from ``cfg``; ``cfg.weights`` may be an export folder, a training checkpoint
+    (its student) or a state_dict file."""
+    from .models import build_detector, load_state_dict_checked
+
+    if cfg.weights is None:
+        raise JobSetupError("model.weights: evaluation needs trained weights")
+    path = Path(cfg.weights)
+    if path.is_dir():
+        from .export import load_export
+
+        model, _ = load_export(path)
+        return model
+    if path.suffix == ".pt":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+            state = dict(obj["model"])
+            if any(k.startswith("student.") for k in state):  # a distillation checkpoint
+                state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+            model = build_detector(cfg, load_weights=False)
+            load_state_dict_checked(model, state, source=str(path))
+            return model
+    return build_detector(cfg)
+
+
+def run_evaluation(cfg: EvalConfig, *, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
+    """COCO metrics of ``cfg.model`` on ``cfg.annotations``; every rank calls it, rank 0 gets them."""
+    from .evaluation import evaluate_coco
+
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    device = default_device()
+    dataset = CocoDetectionDataset(
+        cfg.annotations, cfg.images, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size
+    )
+    if dataset.num_classes != cfg.model.num_classes:
+        raise JobSetupError(
+            f"model.num_classes ({cfg.model.num_classes}) != the {dataset.num_classes} categories of "
+            f"{cfg.annotations}"
+        )
+    model = load_model_for_eval(cfg.model).to(device).eval()
+    loader = build_eval_loader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank,
+        world_size=world_size, device=device,
+    )
+    return evaluate_coco(model, loader, dataset, device)
+
+
+def _launched_eval(rank: int, world_size: int, cfg: EvalConfig) -> dict[str, Any]:
+    return run_evaluation(cfg, rank=rank, world_size=world_size)
+
+
+def run_evaluation_launched(cfg: EvalConfig) -> dict[str, Any]:
+    return launch(_launched_eval, cfg.devices, cfg)
