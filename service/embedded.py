@@ -105,16 +105,21 @@ class Child:
         return self.process.poll() is None
 
     def stop(self) -> int | None:
-        """Send each stop signal in turn (to the child's process group) until it exits; then SIGKILL."""
-        for sig, timeout in (*self.stop_signals, (signal.SIGKILL, 10.0)):
+        """Send each stop signal in turn to the child until it exits; then SIGKILL its whole
+        process group (leftovers such as a Celery pool process)."""
+        for sig, timeout in self.stop_signals:
             if not self.alive():
                 break
-            self._signal_group(sig)
             try:
+                self.process.send_signal(sig)
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 continue
-        self._signal_group(signal.SIGKILL)  # leftovers of the group (e.g. a Celery pool process)
+        self._signal_group(signal.SIGKILL)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         return self.process.poll()
 
     def _signal_group(self, sig: int) -> None:
@@ -284,9 +289,11 @@ class EmbeddedStack:
         offset = log_path.stat().st_size if log_path.exists() else 0
         cmd = [sys.executable, "-m", "service.cli", "worker", "--hostname", f"gid-local-{self.port}@%h"]
         # Warm shutdown first (stop taking jobs), then cold (SIGQUIT: terminate the running job,
-        # which resumes from its checkpoint next time), then SIGKILL.
+        # which resumes from its checkpoint next time), then SIGKILL. If this process dies, the
+        # worker is killed outright (Redis may be gone too, and a cold shutdown would wait for it);
+        # its pool process and the training tree die with it.
         child = self._spawn("worker", cmd, stop_signals=((signal.SIGTERM, 5.0), (signal.SIGQUIT, 10.0)),
-                            pdeathsig=signal.SIGQUIT)
+                            pdeathsig=signal.SIGKILL)
 
         def ready() -> bool:
             with open(log_path, "rb") as f:

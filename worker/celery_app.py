@@ -1,0 +1,56 @@
+"""The Celery application of the GID workers.
+
+Start a worker node with ``gid worker`` (or ``celery -A worker.celery_app worker``). Design:
+
+* Broker: Redis at ``settings.redis_url``; queue ``gid.jobs``; task ``gid.run_job(job_id)``.
+* No result backend: the job's state lives in the database, the message is only a wake-up call.
+* One job per node: ``concurrency=1`` and ``prefetch_multiplier=1``; a node with several GPUs runs
+  one job over all of them (``devices`` DDP ranks), so a node never hoards a second message.
+* ``acks_late`` + ``reject_on_worker_lost``: a message is acknowledged only after the task ended,
+  so a node that dies mid-job does not lose it.
+* ``visibility_timeout`` (Redis redelivers unacknowledged messages after it): long, the job time
+  limit plus an hour. Correctness does not rest on it: ``gid.run_job`` first claims a lease in the
+  database and drops the message when another worker holds a live lease or the job is finished,
+  and the reaper (``worker.reaper``) re-enqueues the jobs of lost workers as soon as their lease
+  expires. A short timeout would only make Redis redeliver messages of long jobs that are still
+  running (each redelivery is then dropped).
+* Time limits: the soft limit (``GID_JOB_TIME_LIMIT_SECONDS``) raises ``SoftTimeLimitExceeded``
+  in the task, which stops the training child and fails the job; the hard limit, a little later,
+  kills the pool process if that did not work (the lease then expires and the reaper takes over).
+* The reaper runs as a thread of every worker's main process (``worker.reaper``), serialised across
+  nodes by a Redis lock; no separate beat process is needed.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.core.config import settings
+from worker.config import worker_settings
+
+QUEUE = "gid.jobs"
+RUN_JOB_TASK = "gid.run_job"
+
+app = Celery("gid", broker=settings.redis_url, include=["worker.tasks", "worker.reaper"])
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
+    task_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_acks_on_failure_or_timeout=True,  # a task that raised has already failed its job
+    task_ignore_result=True,
+    task_store_errors_even_if_ignored=False,
+    result_backend=None,
+    worker_prefetch_multiplier=1,
+    worker_concurrency=1,
+    # A lost broker connection must not kill a training run: the lease keeps the job consistent.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    worker_send_task_events=False,
+    task_send_sent_event=False,
+    task_soft_time_limit=worker_settings.job_time_limit_seconds,
+    task_time_limit=int(worker_settings.job_time_limit_seconds + worker_settings.cancel_grace_seconds + 60),
+    broker_transport_options={"visibility_timeout": worker_settings.broker_visibility_timeout_seconds},
+    broker_connection_retry_on_startup=True,
+)

@@ -1,0 +1,345 @@
+"""Task ``gid.run_job(job_id)``: lease the job, supervise its training child, record the outcome.
+
+A job message is only a wake-up call; the job row decides:
+
+1. ``crud.claim_job`` takes the job's lease (owner ``host:pid:uuid``, expiry ``job_lease_seconds``).
+   None means the job is finished, cancelled, or running under another worker's live lease (a
+   redelivered or duplicated message): the message is dropped.
+2. The training runs in a child process (``python -m worker.runner``, its own session) that spawns
+   the job's DDP ranks; the Celery process never imports torch. Its output goes to
+   ``<output_dir>/logs/attempt-<n>.log``.
+3. While it runs, the task renews the lease every ``job_heartbeat_seconds``. A lost lease (the
+   reaper requeued the job, or it was finished elsewhere) or a database unreachable for nearly a
+   lease period kills the child at once: another worker may take the job over. A cancel request is
+   seen by rank 0 itself (it reads the flag, all ranks stop after the same iteration and
+   checkpoint); the task only kills the child if it has not exited ``cancel_grace_seconds`` later.
+4. The outcome: completed -> the export becomes a model (``crud.create_model``), the export,
+   metrics, newest checkpoint and log are registered as artifacts with their sha256, and the job
+   ``succeeded`` with its final COCO metrics; cancelled -> ``cancelled``; anything else ->
+   ``failed`` with the exception and the last lines of the training log.
+
+A job picked up again after its worker was lost continues from its newest checkpoint (the child
+runs the engine with ``resume=True`` on the same output directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gid_core.config import JobConfig
+from service import crud
+from service.core.config import settings
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.models import Job, JobStatus
+from service.storage import Storage, sha256_file
+from worker.celery_app import RUN_JOB_TASK, app
+from worker.config import worker_settings
+from worker.files import die_with_parent, latest_checkpoint, read_json, tail_lines, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+POLL_SECONDS = 0.5  # how often the supervisor looks at the child between heartbeats
+KILL_WAIT_SECONDS = 10.0  # SIGTERM -> SIGKILL
+LOG_TAIL_LINES = 25
+MAX_ERROR_CHARS = 8000
+
+# --------------------------------------------------------------------------- database access
+
+_factory: tuple[int, sessionmaker[Session]] | None = None
+
+
+def session_factory() -> sessionmaker[Session]:
+    """This process's session factory (a forked pool process must not reuse its parent's pool)."""
+    global _factory
+    if _factory is None or _factory[0] != os.getpid():
+        _factory = (os.getpid(), make_session_factory(make_engine(settings.database_url)))
+    return _factory[1]
+
+
+def db_call(fn, /, **kwargs) -> Any:
+    """``fn(session, **kwargs)`` in a fresh session (each crud function is its own transaction)."""
+    with session_scope(session_factory()) as session:
+        return fn(session, **kwargs)
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+@worker_process_init.connect
+def _die_with_the_worker(**_kwargs) -> None:
+    """A pool process must not outlive the worker's main process: it would go on supervising a
+    job that nobody can see any more. (Its training child dies with it in turn.)"""
+    die_with_parent()
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job(self, job_id: str) -> str:
+    """Run job ``job_id`` if it can be claimed; returns what happened (for the worker log)."""
+    worker_id = make_worker_id()
+    job = db_call(
+        crud.claim_job, job_id=job_id, worker_id=worker_id, lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    if job is None:
+        current = db_call(crud.get_job, job_id=job_id)
+        state = "unknown job" if current is None else f"status {current.status}, lease owner {current.lease_owner}"
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        logger.info("job %s not claimable (%s; redelivered=%s): message dropped", job_id, state, redelivered)
+        return "dropped"
+    logger.info("job %s claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
+    return JobSupervisor(job, worker_id).run()
+
+
+@dataclass
+class Outcome:
+    """How the child ended, as the supervisor saw it."""
+
+    returncode: int | None
+    lease_lost: bool = False
+    killed_after_cancel: bool = False
+    timed_out: bool = False
+
+
+class JobSupervisor:
+    """Runs one claimed job's training child and turns its outcome into the job's final state."""
+
+    def __init__(self, job: Job, worker_id: str) -> None:
+        self.job = job
+        self.job_id = job.id
+        self.worker_id = worker_id
+        self.output_dir = Storage(settings.data_dir).job_dir(job.id)
+        self.attempt = int(job.attempts)
+        self.log_path = self.output_dir / "logs" / f"attempt-{self.attempt}.log"
+        self.result_path = self.output_dir / "logs" / f"attempt-{self.attempt}.result.json"
+        self.config_path = self.output_dir / "job.json"
+        self.proc: subprocess.Popen | None = None
+
+    # ----------------------------------------------------------------------- run
+
+    def run(self) -> str:
+        try:
+            config = JobConfig.model_validate(self.job.engine_config)
+        except ValidationError as e:
+            return self._finish(JobStatus.FAILED, error=f"invalid engine config: {e}")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.config_path, config.model_dump(mode="json"))
+        self.result_path.unlink(missing_ok=True)
+        try:
+            self._start_child()
+            outcome = self._supervise()
+        except SoftTimeLimitExceeded:
+            self._kill_child()
+            limit = worker_settings.job_time_limit_seconds
+            return self._finish(JobStatus.FAILED, error=f"time limit exceeded: the job ran for more than {limit} s")
+        except BaseException:
+            self._kill_child()
+            raise
+        return self._conclude(outcome)
+
+    def _start_child(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "worker.runner",
+            "--config", str(self.config_path),
+            "--output-dir", str(self.output_dir),
+            "--result", str(self.result_path),
+            "--job-id", self.job_id,
+            "--worker-id", self.worker_id,
+            "--attempt", str(self.attempt),
+            "--parent-pid", str(os.getpid()),
+            "--cancel-poll-seconds", str(worker_settings.cancel_poll_seconds),
+            "--progress-interval-seconds", str(worker_settings.progress_interval_seconds),
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as log:
+            # Its own session: the supervisor can stop the runner and all its ranks with one killpg.
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=str(self.output_dir), start_new_session=True,
+            )
+        logger.info("job %s: training child pid %d, log %s", self.job_id, self.proc.pid, self.log_path)
+
+    def _supervise(self) -> Outcome:
+        assert self.proc is not None
+        heartbeat = float(settings.job_heartbeat_seconds)
+        # Stop before the lease can expire when renewals keep failing: someone may take over then.
+        unreachable_limit = max(float(settings.job_lease_seconds) - heartbeat, heartbeat)
+        last_renewed = next_beat = time.monotonic()
+        cancel_seen: float | None = None
+        while True:
+            try:
+                return Outcome(self.proc.wait(timeout=POLL_SECONDS))
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + heartbeat
+                try:
+                    state = db_call(
+                        crud.renew_lease, job_id=self.job_id, worker_id=self.worker_id,
+                        lease_seconds=settings.job_lease_seconds,
+                    )
+                except Exception:
+                    logger.warning("job %s: lease renewal failed", self.job_id, exc_info=True)
+                    state = None
+                if state is not None and not state.alive:
+                    logger.warning("job %s: lease lost; stopping the training child", self.job_id)
+                    self._kill_child()
+                    return Outcome(self.proc.returncode, lease_lost=True)
+                if state is None and now - last_renewed > unreachable_limit:
+                    logger.error("job %s: database unreachable for %.0f s; stopping", self.job_id, now - last_renewed)
+                    self._kill_child()
+                    return Outcome(self.proc.returncode, lease_lost=True)
+                if state is not None:
+                    last_renewed = now
+                    if state.cancel_requested and cancel_seen is None:
+                        logger.info("job %s: cancel requested", self.job_id)
+                        cancel_seen = now
+            if cancel_seen is not None and now - cancel_seen > worker_settings.cancel_grace_seconds:
+                logger.warning("job %s: still running %.0f s after the cancel request; killing it",
+                               self.job_id, now - cancel_seen)
+                self._kill_child()
+                return Outcome(self.proc.returncode, killed_after_cancel=True)
+
+    def _kill_child(self) -> None:
+        """SIGTERM the child's whole process group, then SIGKILL whatever is left."""
+        proc = self.proc
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, KILL_WAIT_SECONDS), (signal.SIGKILL, KILL_WAIT_SECONDS)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                try:  # ranks that outlived the runner
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+
+    # ----------------------------------------------------------------------- outcome
+
+    def _conclude(self, outcome: Outcome) -> str:
+        if outcome.lease_lost:
+            # Not ours any more: whoever holds the job now (or the reaper) decides its state.
+            return "lease lost"
+        result = read_json(self.result_path) or {}
+        status = result.get("status")
+        if status == "completed":
+            # The result file is written only after every rank finished; a non-zero exit code
+            # after it (a crash while the interpreter shut down) does not undo the training.
+            if outcome.returncode != 0:
+                logger.warning("job %s: training completed but the child exited with %s", self.job_id,
+                               outcome.returncode)
+            try:
+                return self._succeed(result)
+            except Exception as e:
+                logger.exception("job %s: recording the results failed", self.job_id)
+                return self._finish(JobStatus.FAILED, error=f"recording the results failed: {type(e).__name__}: {e}")
+        if status == "cancelled" or outcome.killed_after_cancel or self._cancel_requested():
+            self._register_leftovers()
+            return self._finish(JobStatus.CANCELLED)
+        self._register_leftovers()
+        return self._finish(JobStatus.FAILED, error=self._failure_message(outcome, result))
+
+    def _cancel_requested(self) -> bool:
+        try:
+            job = db_call(crud.get_job, job_id=self.job_id)
+        except Exception:
+            return False
+        return job is not None and bool(job.cancel_requested)
+
+    def _failure_message(self, outcome: Outcome, result: dict[str, Any]) -> str:
+        if result.get("error"):
+            head = str(result["error"])
+        elif outcome.returncode is not None and outcome.returncode < 0:
+            head = f"training process killed by signal {signal.Signals(-outcome.returncode).name}"
+        else:
+            head = f"training process exited with code {outcome.returncode} without a result"
+        tail = tail_lines(self.log_path, LOG_TAIL_LINES)
+        message = f"{head}\n\nlast lines of {self.log_path.name}:\n{tail}" if tail else head
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS // 4] + "\n...\n" + message[-3 * MAX_ERROR_CHARS // 4 :]
+        return message
+
+    def _register(self, name: str, path: Path) -> dict[str, Any]:
+        size, digest = path.stat().st_size, sha256_file(path)
+        db_call(crud.add_artifact, job_id=self.job_id, name=name, path=str(path), size=size, sha256=digest)
+        return {"path": path, "size": size, "sha256": digest}
+
+    def _register_leftovers(self) -> None:
+        """The newest checkpoint and the log of a job that did not complete (best effort)."""
+        for name, path in (("checkpoint.pt", latest_checkpoint(self.output_dir)), (self.log_path.name, self.log_path)):
+            if path is not None and path.is_file():
+                try:
+                    self._register(name, path)
+                except Exception:
+                    logger.warning("job %s: could not register %s", self.job_id, path, exc_info=True)
+
+    def _succeed(self, result: dict[str, Any]) -> str:
+        export_dir = Path(result.get("export_dir") or self.output_dir / "export")
+        weights, metadata_path = export_dir / "model.safetensors", export_dir / "metadata.json"
+        metrics_path = self.output_dir / "metrics.json"
+        metrics = result.get("metrics") or {}
+        if not metrics_path.is_file():
+            write_json_atomic(metrics_path, metrics)
+        metadata = read_json(metadata_path)
+        if metadata is None or not weights.is_file():
+            raise FileNotFoundError(f"the export in {export_dir} is incomplete")
+
+        stored = self._register("model.safetensors", weights)
+        self._register("metadata.json", metadata_path)
+        self._register("metrics.json", metrics_path)
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is not None:
+            self._register("checkpoint.pt", checkpoint)
+        self._register(self.log_path.name, self.log_path)
+
+        categories = [c["name"] for c in metadata.get("categories", [])] or None
+        model = db_call(
+            crud.create_model,
+            owner_id=self.job.owner_id,
+            name=self.job.name or f"{self.job.kind}-{self.job_id[:8]}",
+            config=metadata.get("model") or self.job.engine_config["student"],
+            categories=categories,
+            path=str(weights),
+            sha256=stored["sha256"],
+            size=stored["size"],
+            source_job_id=self.job_id,
+        )
+        return self._finish(JobStatus.SUCCEEDED, final_metrics=metrics, output_model_id=model.id)
+
+    def _finish(self, status: JobStatus, **kwargs: Any) -> str:
+        done = db_call(crud.finish_job, job_id=self.job_id, worker_id=self.worker_id, status=status.value, **kwargs)
+        if not done:
+            logger.warning("job %s: could not record %s (the lease was lost meanwhile)", self.job_id, status.value)
+            return "lease lost"
+        logger.info("job %s %s", self.job_id, status.value)
+        return status.value
