@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import Checkpointer, atomic_write, seed_everything
+from .checkpoint import Checkpointer, seed_everything
+from .fileio import atomic_write
 from .config import EvalConfig, Hyperparameters, JobConfig, ModelConfig
 from .data import CocoDetectionDataset, collate_detection
 from .export import export_student

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import current_umask
+from .fileio import current_umask
 from .config import ModelConfig
 
 FORMAT = "gid-export/1"

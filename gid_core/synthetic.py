@@ -36,15 +36,14 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from gid_core.config import SyntheticDatasetConfig
+from gid_core.fileio import atomic_write_bytes
 
 __all__ = ["SIZE_BUCKETS", "load_digit_sprites", "make_synthetic_dataset", "synthetic_categories"]
 
@@ -300,25 +299,6 @@ def _place(rng, sprite, image, owner, placed: list[dict], tries: int = 8) -> boo
     return True
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 _IMAGE_NAME = re.compile(r"\d{6,}\.png")
 
 
@@ -369,7 +349,7 @@ def _write_split(cfg: SyntheticDatasetConfig, split: str, count: int) -> dict:
         "annotations": annotations,
         "categories": synthetic_categories(cfg.num_classes),
     }
-    _atomic_write_bytes(ann_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+    atomic_write_bytes(ann_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
     return {
         "annotations": str(ann_path),
         "images": str(images_dir),
