@@ -28,6 +28,8 @@ Choices where the paper is silent, each tested:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -56,6 +58,13 @@ def _global_count(count: Tensor) -> Tensor:
         count = count.clone()
         dist.all_reduce(count)
     return count
+
+
+class GeneralInstances(NamedTuple):
+    boxes: Tensor  # (K, 4) xyxy, all images of the batch
+    scores: Tensor  # (K,) GI scores
+    counts: Tensor  # (N,) GIs per image
+    image_index: Tensor  # (K,) image of each GI
 
 
 class GIDDistiller(nn.Module):
@@ -151,47 +160,22 @@ class GIDDistiller(nn.Module):
         use_feature = cfg.use_feature and cfg.weight_feature > 0
         use_relation = cfg.use_relation and cfg.weight_relation > 0
         use_response = cfg.use_response and (cfg.weight_response_cls > 0 or cfg.weight_response_reg > 0)
-        gis = select_general_instances_batched(
-            t_out.probs,
-            t_out.boxes,
-            s_out.probs.detach(),
-            s_out.boxes,
-            top_k=cfg.top_k,
-            nms_iou=cfg.nms_iou,
-            pre_nms_top_n=cfg.pre_nms_top_n,
-            min_size=cfg.min_box_size,
-        )
-        n = len(gis)
-        world = _world_size()
-        boxes = torch.cat([b for b, _ in gis])  # (K, 4)
-        counts = torch.tensor([b.shape[0] for b, _ in gis], device=boxes.device)  # (N,)
-        image_index = torch.repeat_interleave(torch.arange(n, device=boxes.device), counts)  # (K,)
-        scores = torch.cat([s for _, s in gis])
+        gi = self.select_instances(t_out, s_out)
+        n, world = len(gi.counts), _world_size()
         losses: dict[str, Tensor] = {}
 
         if use_feature or use_relation:
-            t_inst, s_inst = self._instance_features(t_out, s_out, boxes, image_index, image_list)
+            t_inst, s_inst = self._instance_features(t_out, s_out, gi.boxes, gi.image_index, image_list)
             if use_feature:
-                norm = _global_count(counts.sum())
+                norm = _global_count(gi.counts.sum())
                 loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm)
                 losses["loss_feature"] = cfg.weight_feature * world * loss
             if use_relation:
-                norm = _global_count((counts >= 2).sum())
-                loss = relation_loss_batched(t_inst.flatten(1), s_inst.flatten(1), image_index, n, normalizer=norm)
+                norm = _global_count((gi.counts >= 2).sum())
+                loss = relation_loss_batched(t_inst.flatten(1), s_inst.flatten(1), gi.image_index, n, normalizer=norm)
                 losses["loss_relation"] = cfg.weight_relation * world * loss
         if use_response:
-            kmax = max(cfg.top_k, 1)
-            padded = boxes.new_zeros((n, kmax, 4))
-            valid = torch.zeros((n, kmax), dtype=torch.bool, device=boxes.device)
-            slot = torch.arange(boxes.shape[0], device=boxes.device) - torch.repeat_interleave(
-                torch.cumsum(counts, 0) - counts, counts
-            )
-            padded[image_index, slot] = boxes
-            valid[image_index, slot] = True
-            num_per_level = [f.shape[-2] * f.shape[-1] for f in s_out.features]
-            num_per_level = [c * (s_out.reg.shape[1] // sum(num_per_level)) for c in num_per_level]
-            anchors = torch.stack(self._anchors(image_list, s_out.features))  # cached: no recompute
-            mask = self.view.positive_mask(self.student, padded, valid, anchors, num_per_level)
+            mask = self.response_mask(gi, s_out, image_list)
             norm = _global_count(mask.sum())
             cls, reg = response_loss(t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm)
             losses["loss_response_cls"] = cfg.weight_response_cls * world * cls
@@ -201,9 +185,39 @@ class GIDDistiller(nn.Module):
         if not use_feature:
             # An unused adapter would leave DDP waiting for its gradient: keep it in the graph at 0.
             losses["loss_feature"] = sum(p.sum() for p in self.adapter.parameters()) * 0.0
-        self.last_stats["gi_per_image"] = counts.float().mean().detach()
-        self.last_stats["gi_score_mean"] = scores.float().mean().detach() if scores.numel() else boxes.new_zeros(())
+        self.last_stats["gi_per_image"] = gi.counts.float().mean().detach()
+        self.last_stats["gi_score_mean"] = (
+            gi.scores.float().mean().detach() if gi.scores.numel() else gi.boxes.new_zeros(())
+        )
         return losses
+
+    def select_instances(self, t_out: DenseOutputs, s_out: DenseOutputs) -> GeneralInstances:
+        """GISM over the batch, flattened: boxes (K, 4), scores (K,), counts (N,), image_index (K,)."""
+        cfg = self.config
+        per_image = select_general_instances_batched(
+            t_out.probs, t_out.boxes, s_out.probs.detach(), s_out.boxes,
+            top_k=cfg.top_k, nms_iou=cfg.nms_iou, pre_nms_top_n=cfg.pre_nms_top_n, min_size=cfg.min_box_size,
+        )
+        boxes = torch.cat([b for b, _ in per_image])
+        counts = torch.tensor([b.shape[0] for b, _ in per_image], device=boxes.device)
+        image_index = torch.repeat_interleave(torch.arange(len(per_image), device=boxes.device), counts)
+        return GeneralInstances(boxes, torch.cat([s for _, s in per_image]), counts, image_index)
+
+    def response_mask(self, gi: GeneralInstances, s_out: DenseOutputs, image_list: ImageList) -> Tensor:
+        """(N, R) bool: the student's dense predictions its own matcher assigns to a GI box."""
+        n, kmax = len(gi.counts), max(self.config.top_k, 1)
+        # slot of each GI within its image, to scatter them into a padded (N, top_k, 4) batch
+        slot = torch.arange(gi.boxes.shape[0], device=gi.boxes.device) - torch.repeat_interleave(
+            torch.cumsum(gi.counts, 0) - gi.counts, gi.counts
+        )
+        padded = gi.boxes.new_zeros((n, kmax, 4))
+        valid = torch.zeros((n, kmax), dtype=torch.bool, device=gi.boxes.device)
+        padded[gi.image_index, slot] = gi.boxes
+        valid[gi.image_index, slot] = True
+        locations = [f.shape[-2] * f.shape[-1] for f in s_out.features]
+        per_location = s_out.reg.shape[1] // sum(locations)  # anchors per location
+        anchors = torch.stack(self._anchors(image_list, s_out.features))  # cached: no recompute
+        return self.view.positive_mask(self.student, padded, valid, anchors, [c * per_location for c in locations])
 
     def _instance_features(
         self, t_out: DenseOutputs, s_out: DenseOutputs, boxes: Tensor, image_index: Tensor, image_list: ImageList
