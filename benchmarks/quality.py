@@ -349,12 +349,14 @@ def verdict(teacher: dict[str, Any], summary: dict[str, dict[str, Any]]) -> dict
 
 
 def plot_curves(runs: Sequence[dict[str, Any]], teacher: dict[str, Any], path: Path, title: str) -> None:
+    """Left: val AP against student iteration (mean over seeds, min-max band for baseline and
+    GID). Right: the teacher's own val AP against its iterations (its stages in sequence)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for arm, colour in (("baseline", "C0"), ("gid", "C3"), ("feature", "C1"), ("relation", "C2"), ("response", "C4")):
         curves = [r["curve"] for r in runs if r["arm"] == arm]
         if not curves:
@@ -363,17 +365,27 @@ def plot_curves(runs: Sequence[dict[str, Any]], teacher: dict[str, Any], path: P
         values = [[c[i]["AP"] or 0.0 for c in curves if i < len(c)] for i in range(len(iters))]
         mean = [sum(v) / len(v) for v in values]
         main = arm in ("baseline", "gid")
-        ax.plot(iters, mean, marker="o" if main else None, color=colour, lw=2 if main else 1,
-                alpha=1.0 if main else 0.6, label=f"{ARM_LABELS[arm]} (mean of {len(curves)} seeds)")
+        ax.plot(iters, mean, marker="o" if main else ".", color=colour, lw=2 if main else 1,
+                alpha=1.0 if main else 0.7, label=f"{ARM_LABELS[arm]} (mean of {len(curves)} seeds)")
         if main and len(curves) > 1:
             ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
     if teacher["metrics"].get("AP") is not None:
-        ax.axhline(teacher["metrics"]["AP"], color="k", ls="--", lw=1, label="teacher")
+        ax.axhline(teacher["metrics"]["AP"], color="k", ls="--", lw=1, label="teacher (final)")
     ax.set_xlabel("student iteration")
     ax.set_ylabel("val AP (COCOeval, %)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    points = teacher.get("curve") or []
+    ax_t.plot([p["iteration"] for p in points], [p["AP"] or 0.0 for p in points], marker="o", color="k")
+    done = 0
+    for stage in teacher.get("stages", [])[:-1]:
+        done += stage["iters"]
+        ax_t.axvline(done, color="grey", ls=":", lw=1)
+    ax_t.set_xlabel("teacher iteration (dotted: warm restart)")
+    ax_t.set_ylabel("val AP (%)")
+    ax_t.set_title("teacher (cached)")
+    ax_t.grid(alpha=0.3)
     save_figure_atomic(fig, path)
     plt.close(fig)
 
