@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fileio import current_umask
+from .fileio import current_umask, fsync_path
 from .config import ModelConfig
 
 FORMAT = "gid-export/1"
@@ -41,14 +41,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _torchvision_class(model: nn.Module) -> str:
@@ -86,7 +78,7 @@ def export_student(
         weights = tmp / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": FORMAT})
         weights.chmod(0o666 & ~current_umask())
-        _fsync_path(weights)
+        fsync_path(weights)
         metadata = {
             "format": FORMAT,
             "model": model_cfg.model_copy(update={"weights": None}).model_dump(mode="json"),
@@ -101,7 +93,7 @@ def export_student(
             json.dump(metadata, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +108,7 @@ def _swap_in(new: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
         os.replace(target, old / target.name)
     os.replace(new, target)
-    _fsync_path(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
