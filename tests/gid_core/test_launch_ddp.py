@@ -185,13 +185,18 @@ def test_two_process_distillation_equals_one_process(tiny_data, tmp_path):
 
 # --------------------------------------------------------------------------- torchrun
 
+# Each rank reports into its own file: two processes printing to one inherited pipe may interleave
+# their writes mid-line.
 TORCHRUN_SCRIPT = """
+import sys
+from pathlib import Path
 import torch, torch.distributed as dist
 from gid_core.launch import destroy, get_world_size, init_from_env
 rank, world, local = init_from_env()
 t = torch.tensor([float(rank + 1)])
 dist.all_reduce(t)
-print(f"rank={rank} world={world} local={local} group={get_world_size()} sum={t.item():g} threads={torch.get_num_threads()}")
+report = f"rank={rank} world={world} local={local} group={get_world_size()} sum={t.item():g}"
+Path(sys.argv[1], f"rank{rank}.txt").write_text(report)
 destroy()
 """
 
@@ -206,12 +211,12 @@ def test_init_from_env_under_torchrun(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank="))
-    assert [line.rsplit(" threads=", 1)[0] for line in lines] == [
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert lines == [
         "rank=0 world=2 local=0 group=2 sum=3",
         "rank=1 world=2 local=1 group=2 sum=3",
     ]
