@@ -1,29 +1,26 @@
-"""Proposed fixes for the GID step's hot spots, checked for exactness and timed A/B.
+"""Before/after figures for the hot spots the speed benchmark found (``python -m benchmarks.hotspots``).
 
-``python -m benchmarks.hotspots`` compares, in one process on the same inputs, the speed benchmark's
-measurement with the library as it is ("before") and with these drop-in replacements patched into
-``gid_core.distill`` ("after"):
+Both fixes have landed in ``gid_core``; this module keeps the previous implementations so the gain
+stays measurable and checks that old and new give the same outputs:
 
-* ``pool_instances_per_level`` (for ``gid_core/roi.py::pool_instances``): ROIAlign each GI box on
-  its own FPN level only, instead of pooling every box on every level and masking (L = 5 times the
-  ROIAlign forward and backward; the backward scatter dominates on CPU). This one has landed in
-  ``gid_core/roi.py`` (one ``nonzero`` per level there, one ``bincount().tolist()`` here), so it is
-  off by default (``--roi`` compares the two implementations).
-* ``select_general_instances_batched_prefix`` (for ``gid_core/gism.py``): greedy NMS keeps a box
-  iff no higher-scored kept box overlaps it, so NMS over the m best candidates keeps exactly the
-  full result's boxes among them. When every image keeps >= top_k boxes of its m best (or m covers
-  all its candidates), the top_k are final; otherwise m doubles. Same output, NMS over ~128
-  instead of ``pre_nms_top_n`` = 3000 candidates per image, and ``batched_nms`` stays on its
-  single-call path instead of one NMS (and one host sync) per image.
+* ROIAlign (``gid_core/roi.py::pool_instances``) pools each GI box on its own FPN level only. The
+  previous form pooled every box on every level and masked (``pool_instances_all_levels`` below):
+  L (= 5) times the ROIAlign forward and backward, and the backward scatter dominates on CPU.
+* GISM (``gid_core/gism.py::select_general_instances_batched``) runs NMS on each image's best few
+  hundred candidates and grows the prefix only when an image is short of ``top_k`` survivors. The
+  previous form ran NMS on all ``pre_nms_top_n`` = 3000 candidates per image, which is the same
+  function with a prefix as long as the candidate list (``select_all_candidates`` below).
 
-Both are checked against the library functions on random inputs before timing; ``--check`` stops
-after that check (a non-zero exit if any output differs).
+Each row measures one full speed-benchmark step (``benchmarks.speed.measure``) with either the
+previous implementations swapped in ("before") or the library as it is ("after"), interleaved.
+``--check`` only runs the exactness check (non-zero exit on any mismatch).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,72 +28,34 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import roi_align
 
-from gid_core import gism as _gism
+from gid_core.gism import select_general_instances_batched
+from gid_core.roi import assign_levels, pool_instances
 
 from .common import RESULTS_DIR, machine_info, write_json_atomic
 from .speed import SpeedSetting, measure, summary_table
 
+# The previous GISM: one NMS round over every candidate (pre_nms_top_n caps the prefix).
+select_all_candidates = functools.partial(select_general_instances_batched, first_prefix=sys.maxsize)
 
-def pool_instances_per_level(
+
+def pool_instances_all_levels(
     features: list[Tensor], rois: Tensor, level_index: Tensor, strides: list[int], *, output_size: int,
     sampling_ratio: int,
 ) -> Tensor:
-    """``gid_core.roi.pool_instances`` with each roi pooled once, on its own level -> (K, C, s, s)."""
+    """The previous ``gid_core.roi.pool_instances``: pool every roi on every level, keep its own."""
     out = features[0].new_zeros((rois.shape[0], features[0].shape[1], output_size, output_size))
-    order = torch.argsort(level_index)
-    sizes = torch.bincount(level_index, minlength=len(features)).tolist()  # the one host sync
-    for feature, stride, idx in zip(features, strides, order.split(sizes)):
-        if idx.numel():
-            pooled = roi_align(feature, rois[idx], output_size, spatial_scale=1.0 / stride,
-                               sampling_ratio=sampling_ratio, aligned=True)
-            out = out.index_copy(0, idx, pooled)
+    for lvl, (feature, stride) in enumerate(zip(features, strides)):
+        pooled = roi_align(feature, rois, output_size, spatial_scale=1.0 / stride,
+                           sampling_ratio=sampling_ratio, aligned=True)  # (K, C, s, s)
+        out = torch.where((level_index == lvl).view(-1, 1, 1, 1), pooled, out)
     return out
 
 
-@torch.no_grad()
-def select_general_instances_batched_prefix(
-    t_prob: Tensor, t_box: Tensor, s_prob: Tensor, s_box: Tensor, *, top_k: int = 10, nms_iou: float = 0.3,
-    pre_nms_top_n: int = 3000, min_size: float = 0.0, first_prefix: int | None = None,
-) -> list[tuple[Tensor, Tensor]]:
-    """``gid_core.gism.select_general_instances_batched`` with NMS on a growing prefix (exact)."""
-    _gism._check_inputs(t_prob, t_box, s_prob, s_box, batched=True)
-    _gism._check_params(top_k, nms_iou, pre_nms_top_n, min_size)
-    num_images, num_preds = t_prob.shape[:2]
-    device = t_prob.device
-    scores, boxes, valid = _gism._gi_scores_and_boxes(t_prob, t_box, s_prob, s_box, min_size)
-    ranked = scores.masked_fill(~valid, float("-inf"))
-    k_all = min(pre_nms_top_n, num_preds)
-    m = min(k_all, first_prefix or max(16 * top_k, 128))
-    num_valid = valid.sum(dim=1)  # (N,)
-    while True:
-        _, order = ranked.topk(m, dim=1)  # (N, m)
-        cand_scores = scores.gather(1, order).reshape(-1)
-        cand_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)).reshape(-1, 4)
-        cand_valid = valid.gather(1, order).reshape(-1)
-        image_of = torch.arange(num_images, device=device).repeat_interleave(m)
-        group = torch.where(cand_valid, image_of, torch.full_like(image_of, num_images))
-        shift = cand_boxes.min().clamp(max=0.0) if cand_boxes.numel() else cand_boxes.new_zeros(())
-        keep = batched_nms(cand_boxes - shift, cand_scores, group, nms_iou)
-        kept_group = group[keep]
-        counts = torch.zeros(num_images + 1, dtype=torch.int64, device=device)
-        counts.index_add_(0, kept_group, torch.ones_like(kept_group))
-        short = (counts[:num_images] < top_k) & (num_valid > m)  # could gain GIs from a longer prefix
-        host = torch.cat([counts, short.any().reshape(1).long()]).tolist()  # the one host sync
-        if not host[-1] or m >= k_all:
-            break
-        m = min(2 * m, k_all)
-    by_group = kept_group.sort(stable=True).indices
-    keep = keep[by_group]
-    per_image_boxes = cand_boxes[keep].split(host[:-1])
-    per_image_scores = cand_scores[keep].split(host[:-1])
-    return [(per_image_boxes[i][:top_k], per_image_scores[i][:top_k]) for i in range(num_images)]
-
-
 @contextlib.contextmanager
-def patched(roi: bool = False, gism: bool = True) -> Iterator[None]:
-    """Swap the fixes into the modules that call them; restores the originals on exit."""
+def previous_implementations(roi: bool = True, gism: bool = True) -> Iterator[None]:
+    """Swap the previous implementations into the modules that call them; restores on exit."""
     import gid_core.distill as distill
 
     from . import speed
@@ -104,20 +63,17 @@ def patched(roi: bool = False, gism: bool = True) -> Iterator[None]:
     saved = (distill.pool_instances, distill.select_general_instances_batched, speed.select_general_instances_batched)
     try:
         if roi:
-            distill.pool_instances = pool_instances_per_level
+            distill.pool_instances = pool_instances_all_levels
         if gism:
-            distill.select_general_instances_batched = select_general_instances_batched_prefix
-            speed.select_general_instances_batched = select_general_instances_batched_prefix
+            distill.select_general_instances_batched = select_all_candidates
+            speed.select_general_instances_batched = select_all_candidates
         yield
     finally:
         distill.pool_instances, distill.select_general_instances_batched, speed.select_general_instances_batched = saved
 
 
 def check_exact(trials: int = 20, seed: int = 0) -> dict[str, int]:
-    """Mismatches between the fixes and the library functions on random inputs (expect 0)."""
-    from gid_core.gism import select_general_instances_batched
-    from gid_core.roi import assign_levels, pool_instances
-
+    """Mismatches between the previous and the landed implementations on random inputs (expect 0)."""
     g = torch.Generator().manual_seed(seed)
     gism_bad = 0
     for trial in range(trials):
@@ -129,8 +85,8 @@ def check_exact(trials: int = 20, seed: int = 0) -> dict[str, int]:
         s_box = t_box + torch.randn(t_box.shape, generator=g) * 3
         for k, iou, min_size in ((10, 0.3, 0.0), (40, 0.3, 0.0), (10, 0.7, 3.0), (5, 0.1, 0.0)):
             kw = dict(top_k=k, nms_iou=iou, min_size=min_size)
-            a = select_general_instances_batched(t_prob, t_box, s_prob, s_box, **kw)
-            b = select_general_instances_batched_prefix(t_prob, t_box, s_prob, s_box, **kw)
+            a = select_all_candidates(t_prob, t_box, s_prob, s_box, **kw)
+            b = select_general_instances_batched(t_prob, t_box, s_prob, s_box, **kw)
             gism_bad += sum(not (torch.equal(ba, bb) and torch.equal(sa, sb)) for (ba, sa), (bb, sb) in zip(a, b))
     roi_bad = 0
     for _ in range(trials):
@@ -140,8 +96,8 @@ def check_exact(trials: int = 20, seed: int = 0) -> dict[str, int]:
         levels = assign_levels(boxes, [3, 4, 5, 6, 7], canonical_scale=48.0, canonical_level=4)
         rois = torch.cat([torch.arange(4).repeat_interleave(10)[:, None].float(), boxes], 1)
         kw = dict(output_size=7, sampling_ratio=2)
-        a = pool_instances(feats, rois, levels, [8, 16, 32, 64, 128], **kw)
-        b = pool_instances_per_level(feats, rois, levels, [8, 16, 32, 64, 128], **kw)
+        a = pool_instances_all_levels(feats, rois, levels, [8, 16, 32, 64, 128], **kw)
+        b = pool_instances(feats, rois, levels, [8, 16, 32, 64, 128], **kw)
         roi_bad += int(not torch.allclose(a, b, atol=1e-6))
     return {"gism_mismatches": gism_bad, "roi_mismatches": roi_bad}
 
@@ -155,27 +111,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="before/after pairs, interleaved")
-    parser.add_argument("--roi", action="store_true", help="also patch in pool_instances_per_level")
-    parser.add_argument("--check", action="store_true", help="only check that the fixes are exact")
+    parser.add_argument("--only", choices=("roi", "gism"), help="swap in only this previous implementation")
+    parser.add_argument("--check", action="store_true", help="only check that old and new give the same outputs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.iters < 1 or args.repeats < 1:
         parser.error("--iters and --repeats must be >= 1")
     exact = check_exact()
-    print(f"exactness on random inputs: {exact}", flush=True)
+    print(f"mismatches on random inputs: {exact}", flush=True)
     if args.check:
-        return 0 if not any(exact.values()) else 1
+        return 1 if any(exact.values()) else 0
+    swap = {"roi": args.only in (None, "roi"), "gism": args.only in (None, "gism")}
     setting = SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes)
     rows: list[tuple[str, dict[str, Any]]] = []
     for rep in range(args.repeats):
-        rows.append((f"before #{rep}", measure(setting, iters=args.iters, warmup=1, teacher_inference=False)))
-        with patched(roi=args.roi):
-            rows.append((f"after #{rep}", measure(setting, iters=args.iters, warmup=1, teacher_inference=False)))
+        with previous_implementations(**swap):
+            rows.append((f"before #{rep}", measure(setting, iters=args.iters, warmup=1, teacher_inference=False)))
+        rows.append((f"after #{rep}", measure(setting, iters=args.iters, warmup=1, teacher_inference=False)))
         print(summary_table(rows[-2:]), flush=True)
     table = summary_table(rows)
     print("\n" + table)
     write_json_atomic(args.out / "speed_hotspots.json", {
-        "machine": machine_info(), "setting": vars(args) | {"out": str(args.out)}, "exactness": exact,
+        "machine": machine_info(), "setting": vars(args) | {"out": str(args.out)}, "swapped": swap,
+        "exactness": exact,
         "rows": [{"label": label, **{k: v for k, v in r.items() if k != "samples_ms"}} for label, r in rows],
         "table": table,
     })

@@ -112,8 +112,16 @@ def select_general_instances_batched(
     nms_iou: float = 0.3,
     pre_nms_top_n: int = 3000,
     min_size: float = 0.0,
+    first_prefix: int | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """``select_general_instances`` for N images at once, with one ``batched_nms`` call.
+    """``select_general_instances`` for N images at once, with one ``batched_nms`` call per round.
+
+    Greedy NMS keeps a candidate iff no higher-scored kept candidate overlaps it, so NMS over an
+    image's m best candidates keeps exactly the full result's boxes among them. Each round runs NMS
+    on the m best candidates per image (``first_prefix``, default ``max(16 * top_k, 128)``) and
+    stops once every image has ``top_k`` survivors or has no valid candidate beyond its prefix;
+    otherwise m doubles, up to ``pre_nms_top_n``. The usual case is one round over a few hundred
+    candidates instead of thousands: NMS is quadratic in them.
 
     Args:
         t_prob, s_prob: (N, R, C); t_box, s_box: (N, R, 4).
@@ -123,35 +131,59 @@ def select_general_instances_batched(
     """
     _check_inputs(t_prob, t_box, s_prob, s_box, batched=True)
     _check_params(top_k, nms_iou, pre_nms_top_n, min_size)
+    if first_prefix is not None and first_prefix < 1:
+        raise ValueError(f"first_prefix must be >= 1, got {first_prefix}")
     num_images, num_preds = t_prob.shape[:2]
-    device = t_prob.device
     scores, boxes, valid = _gi_scores_and_boxes(t_prob, t_box, s_prob, s_box, min_size)
 
     # Too-small boxes rank last (-inf) so the per-image top-k picks the same valid candidates as
     # the single-image path, which removes them before its top-k.
     ranked = scores.masked_fill(~valid, float("-inf"))  # (N, R)
-    k = min(pre_nms_top_n, num_preds)
-    _, order = ranked.topk(k, dim=1)  # (N, k)
-    cand_scores = scores.gather(1, order).reshape(-1)  # (N*k,)
-    cand_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)).reshape(-1, 4)  # (N*k, 4)
-    cand_valid = valid.gather(1, order).reshape(-1)  # (N*k,)
+    num_valid = valid.sum(dim=1)  # (N,)
+    k_all = min(pre_nms_top_n, num_preds)
+    m = min(k_all, first_prefix or max(16 * top_k, 128))
+    while True:
+        cand_boxes, cand_scores, keep, sizes, short = _nms_on_prefix(scores, boxes, valid, ranked, num_valid, m,
+                                                                     top_k=top_k, nms_iou=nms_iou)
+        if not short or m >= k_all:
+            break
+        m = min(2 * m, k_all)
+    per_image_boxes = cand_boxes[keep].split(sizes)
+    per_image_scores = cand_scores[keep].split(sizes)
+    return [(per_image_boxes[i][:top_k], per_image_scores[i][:top_k]) for i in range(num_images)]
 
-    # Group = image index; invalid candidates (images with fewer than k valid boxes) go to an extra
-    # group N of their own, which never meets a real candidate in NMS and is discarded below.
-    image_of = torch.arange(num_images, device=device).repeat_interleave(k)  # (N*k,)
+
+def _nms_on_prefix(
+    scores: Tensor, boxes: Tensor, valid: Tensor, ranked: Tensor, num_valid: Tensor, m: int, *, top_k: int,
+    nms_iou: float,
+) -> tuple[Tensor, Tensor, Tensor, list[int], bool]:
+    """One round of the batched GISM on each image's m best candidates.
+
+    Returns the flat candidates (N*m, 4) and (N*m,), the kept indices into them grouped by image
+    in score order, the kept count per image (N + 1 entries: the last counts the invalid group),
+    and whether some image could still gain instances from a longer prefix.
+    """
+    num_images = scores.shape[0]
+    device = scores.device
+    _, order = ranked.topk(m, dim=1)  # (N, m)
+    cand_scores = scores.gather(1, order).reshape(-1)  # (N*m,)
+    cand_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)).reshape(-1, 4)  # (N*m, 4)
+    cand_valid = valid.gather(1, order).reshape(-1)  # (N*m,)
+
+    # Group = image index; invalid candidates (images with fewer than m valid boxes) go to an extra
+    # group N of their own, which never meets a real candidate in NMS and is discarded by the caller.
+    image_of = torch.arange(num_images, device=device).repeat_interleave(m)  # (N*m,)
     group = torch.where(cand_valid, image_of, torch.full_like(image_of, num_images))
     # batched_nms separates groups by offsetting coordinates by (max + 1), which assumes
     # coordinates >= -1: shift boxes that reach further left/up (IoU is translation invariant).
     shift = cand_boxes.min().clamp(max=0.0) if cand_boxes.numel() else cand_boxes.new_zeros(())
     keep = batched_nms(cand_boxes - shift, cand_scores, group, nms_iou)  # score-descending
 
-    # Regroup the survivors by image, keeping score order within each image, and split.
+    # Regroup the survivors by image, keeping score order within each image.
     kept_group = group[keep]
-    by_group = kept_group.sort(stable=True).indices
-    keep = keep[by_group]
+    keep = keep[kept_group.sort(stable=True).indices]
     counts = torch.zeros(num_images + 1, dtype=torch.int64, device=device)
     counts.index_add_(0, kept_group, torch.ones_like(kept_group))
-    sizes = counts.tolist()  # the one host sync the split needs
-    per_image_boxes = cand_boxes[keep].split(sizes)
-    per_image_scores = cand_scores[keep].split(sizes)
-    return [(per_image_boxes[i][:top_k], per_image_scores[i][:top_k]) for i in range(num_images)]
+    short = (counts[:num_images] < top_k) & (num_valid > m)  # (N,)
+    host = torch.cat([counts, short.any().reshape(1).long()]).tolist()  # the one host sync per round
+    return cand_boxes, cand_scores, keep, host[:-1], bool(host[-1])

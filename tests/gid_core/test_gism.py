@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gid_core import gism
 from gid_core.gism import select_general_instances, select_general_instances_batched
 
 # Hand-built image, R = 6 predictions, C = 2 classes.
@@ -121,8 +122,9 @@ def random_batch(gen: torch.Generator, n: int, r: int, c: int, offset: float = 0
     return t_prob, boxes(), s_prob, boxes()
 
 
-def assert_batched_matches_single(inputs: tuple[torch.Tensor, ...], **kwargs) -> list[int]:
-    batched = select_general_instances_batched(*inputs, **kwargs)
+def assert_batched_matches_single(inputs: tuple[torch.Tensor, ...], first_prefix: int | None = None,
+                                  **kwargs) -> list[int]:
+    batched = select_general_instances_batched(*inputs, first_prefix=first_prefix, **kwargs)
     assert len(batched) == inputs[0].shape[0]
     sizes = []
     for i, (boxes, scores) in enumerate(batched):
@@ -184,3 +186,36 @@ def test_batched_empty() -> None:
     assert select_general_instances_batched(
         torch.zeros(0, 5, 3), torch.zeros(0, 5, 4), torch.zeros(0, 5, 3), torch.zeros(0, 5, 4)
     ) == []
+
+
+@pytest.mark.parametrize("first_prefix", [1, 7, 64, 5000])
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 40, "nms_iou": 0.5}, {"min_size": 20.0, "pre_nms_top_n": 300}])
+def test_batched_prefix_rounds_equal_single(first_prefix: int, kwargs: dict) -> None:
+    # Any first prefix gives the full result: it grows until every image has top_k survivors or
+    # has run out of valid candidates.
+    gen = torch.Generator().manual_seed(1)
+    assert_batched_matches_single(random_batch(gen, 3, 500, 5), first_prefix=first_prefix, **kwargs)
+
+
+def test_batched_prefix_grows_past_a_crowded_top(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Image 0: its 300 best candidates are jittered copies of one box (NMS keeps one of them), so
+    # the top_k GIs lie far beyond a 128-candidate prefix. Image 1 is spread out and is done in
+    # the first round; both must still match the single-image path.
+    gen = torch.Generator().manual_seed(2)
+    t_prob, t_box, s_prob, s_box = random_batch(gen, 2, 1000, 3)
+    t_prob[0, :300], s_prob[0, :300] = 1.0, 0.0  # GI score 1: the top of image 0
+    crowd = torch.tensor([10.0, 10.0, 40.0, 40.0]) + torch.rand(300, 4, generator=gen) * 0.5
+    t_box[0, :300] = crowd  # the teacher is the more confident one there, so its box is the GI box
+    prefixes: list[int] = []
+    one_round = gism._nms_on_prefix
+    monkeypatch.setattr(gism, "_nms_on_prefix", lambda *a, **kw: prefixes.append(a[5]) or one_round(*a, **kw))
+    sizes = assert_batched_matches_single((t_prob, t_box, s_prob, s_box), first_prefix=128)
+    assert sizes == [10, 10]
+    assert prefixes == [128, 256, 512]  # the crowd fills 300 places; 9 more GIs need the third round
+    boxes, _ = select_general_instances_batched(t_prob, t_box, s_prob, s_box)[0]
+    assert (boxes[1:] - crowd[0]).abs().amax(dim=1).gt(1.0).all()  # 9 GIs from beyond the crowd
+
+
+def test_batched_rejects_bad_first_prefix() -> None:
+    with pytest.raises(ValueError, match="first_prefix"):
+        select_general_instances_batched(*random_batch(torch.Generator().manual_seed(0), 1, 5, 2), first_prefix=0)
