@@ -11,10 +11,11 @@ import os
 import re
 import signal
 import sys
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from gid_core.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,7 @@ def _json_default(value: Any) -> Any:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON to a temp file beside ``path``, fsync, rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(finite_only(payload), f, indent=2, default=_json_default, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(finite_only(payload), indent=2, default=_json_default, allow_nan=False))
 
 
 def read_json(path: Path) -> Any | None:
