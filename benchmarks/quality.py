@@ -95,10 +95,10 @@ class Plan:
     student_fpn: int = STUDENT["fpn_channels"]
     norm: str = "gn"
     # teacher: cosine cycles, each starting from the previous cycle's weights (warm restarts)
-    teacher_stages: tuple[int, ...] = (6000, 6000)
+    teacher_stages: tuple[int, ...] = (4000,)
     teacher_eval_points: int = 6  # per stage
     # students
-    student_iters: int = 800
+    student_iters: int = 1000
     eval_points: int = 6  # val evaluations during a student run (for the AP-vs-iteration plot)
     seeds: tuple[int, ...] = (0, 1)
     arms: tuple[str, ...] = tuple(ARMS)
@@ -262,27 +262,33 @@ def run_student(plan: Plan, data: dict, arm: str, seed: int, teacher_weights: st
             "seconds_per_iter": seconds / plan.student_iters}
 
 
-def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int) -> list[dict[str, Any]]:
+def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int,
+                 reuse: dict[tuple[str, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every (seed, arm) run, ``workers`` at a time in spawned processes (each with an equal share
-    of the cores), or in this process when ``workers`` is 1. Results in (seed, arm) order."""
-    tasks = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
+    of the cores), or in this process when ``workers`` is 1; runs found in ``reuse`` are taken
+    from there instead. Results in (seed, arm) order."""
+    reuse = reuse or {}
+    order = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
+    tasks = [t for t in order if t not in reuse]
 
     def report(r: dict[str, Any]) -> None:
         m = r["metrics"]
         print(f"  {r['arm']:>9} seed {r['seed']}: AP {m['AP']:.1f}  AP50 {m['AP50']:.1f}  "
               f"({r['seconds']:.0f} s, {r['seconds_per_iter']:.2f} s/iter)", flush=True)
 
-    if workers <= 1:
-        runs = []
+    done = {t: reuse[t] for t in order if t in reuse}
+    for r in done.values():
+        print(f"  (from an earlier run) {r['arm']} seed {r['seed']}", flush=True)
+        report(r)
+    if workers <= 1 or len(tasks) <= 1:
         for arm, seed in tasks:
-            runs.append(run_student(plan, data, arm, seed, teacher_weights))
-            report(runs[-1])
-        return runs
+            done[arm, seed] = run_student(plan, data, arm, seed, teacher_weights)
+            report(done[arm, seed])
+        return [done[t] for t in order]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    done: dict[tuple[str, int], dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(run_student, plan, data, arm, seed, teacher_weights, threads): (arm, seed)
                    for arm, seed in tasks}
@@ -290,7 +296,31 @@ def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int) 
             r = future.result()
             done[futures[future]] = r
             report(r)
-    return [done[t] for t in tasks]
+    return [done[t] for t in order]
+
+
+def reusable_runs(plan: Plan, paths: Sequence[Path]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Student runs recorded in earlier result files of the same plan (arms, seeds and the plan's
+    name aside); a file of another plan is an error, not a silent mix of budgets."""
+    mine = _comparable(asdict(plan))
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+            theirs, recorded = _comparable(report["plan"]), report["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a quality result file ({e})") from None
+        if theirs != mine:
+            diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{path}: recorded under another plan (differs in {', '.join(diff)})")
+        for r in recorded:
+            runs[r["arm"], r["seed"]] = r
+    return runs
+
+
+def _comparable(plan: dict[str, Any]) -> dict[str, Any]:
+    # Through JSON, so tuples and lists compare equal.
+    return {k: v for k, v in json.loads(json.dumps(plan)).items() if k not in ("name", "arms", "seeds")}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -403,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="student runs trained at the same time, each in its own process (default: 2)")
     parser.add_argument("--retrain-teacher", action="store_true", help="ignore the cached teacher")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RESULT_JSON",
+                        help="take (arm, seed) runs from these earlier result files of the same plan")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", help="result file name suffix (default: the plan name)")
     args = parser.parse_args(argv)
@@ -425,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     plan = replace(plan, **overrides)
+    try:
+        reuse = reusable_runs(plan, args.reuse)
+    except ValueError as e:
+        parser.error(str(e))
     tag = args.tag or plan.name
     start = time.perf_counter()
     print(f"plan: {plan}", flush=True)
@@ -434,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher = train_teacher(plan, data, retrain=args.retrain_teacher)
     print(f"teacher AP {teacher['metrics']['AP']:.1f} ({teacher['seconds'] / 60:.1f} min to train)", flush=True)
 
-    runs = run_students(plan, data, teacher["weights"], workers=args.workers)
+    runs = run_students(plan, data, teacher["weights"], workers=args.workers, reuse=reuse)
     summary = aggregate(runs)
     table = results_table(teacher, summary)
     targets = verdict(teacher, summary)
@@ -455,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "distill": plan.distill_config().model_dump(mode="json"),
         },
         "runs": runs,
+        "reused_from": [str(p) for p in args.reuse],
         "summary": summary,
         "targets": targets,
         "table": table,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import config_hash, format_table, mean_std
-from benchmarks.quality import aggregate, results_table, verdict
+from benchmarks.quality import FULL, QUICK, aggregate, results_table, reusable_runs, verdict
 from benchmarks.service import percentiles
 from benchmarks.speed import PARTS, SpeedSetting, main, measure
 from gid_core.config import ModelConfig
@@ -79,6 +79,23 @@ def test_mean_std_and_hash():
 def _run(arm: str, seed: int, ap: float) -> dict:
     metrics = {"AP": ap, "AP50": ap + 20, "AP75": ap - 5, "APs": ap - 10, "APm": ap + 5, "APl": None}
     return {"arm": arm, "seed": seed, "metrics": metrics, "seconds_per_iter": 0.5}
+
+
+def test_quality_reuse_takes_runs_of_the_same_plan_only(tmp_path: Path):
+    from dataclasses import asdict, replace
+
+    earlier = replace(FULL, arms=("baseline", "gid"), seeds=(0,))
+    path = tmp_path / "quality_earlier.json"
+    path.write_text(json.dumps({"plan": asdict(earlier), "runs": [_run("baseline", 0, 5.0), _run("gid", 0, 9.0)]}))
+    # Other arms and seeds, same budget: the recorded runs are reusable.
+    runs = reusable_runs(replace(FULL, arms=("feature",), seeds=(0, 1)), [path])
+    assert sorted(runs) == [("baseline", 0), ("gid", 0)] and runs["gid", 0]["metrics"]["AP"] == 9.0
+    # Another student budget: refused, naming the field.
+    with pytest.raises(ValueError, match="student_iters"):
+        reusable_runs(QUICK, [path])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a quality result file"):
+        reusable_runs(FULL, [tmp_path / "bad.json"])
 
 
 def test_quality_aggregate_and_verdict():
