@@ -31,6 +31,7 @@ UPLOAD_PATHS = frozenset({"/v1/datasets", "/v1/models"})
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or default_settings
     engine = make_engine(settings.database_url)
+    read_engine = make_engine(settings.database_url, read_only=True)  # GET requests (see core/db.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("database at head; data in %s", settings.data_dir)
         yield
         engine.dispose()
+        read_engine.dispose()
 
     app = FastAPI(
         title="GID training service",
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.read_session_factory = make_session_factory(read_engine)
     app.state.storage = Storage(settings.data_dir)
     app.add_middleware(BodySizeLimitMiddleware, upload_paths=UPLOAD_PATHS)
     _add_error_handlers(app)

@@ -2,6 +2,8 @@
 
 ``SessionDep`` closes its session when the endpoint returns (``scope="function"``), before a file
 response starts streaming, so no database transaction (on SQLite: no write lock) outlives a handler.
+GET and HEAD requests get a read-only session, which never takes SQLite's write lock: pollers do
+not queue behind each other or behind the worker's heartbeats.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    with session_scope(request.app.state.session_factory) as session:
+    state = request.app.state
+    factory = state.read_session_factory if request.method in READ_ONLY_METHODS else state.session_factory
+    with session_scope(factory) as session:
         yield session
 
 
