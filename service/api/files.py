@@ -19,12 +19,6 @@ FILE_RESPONSES = {
 }
 
 
-class ArtifactFileResponse(FileResponse):
-    # Each chunk is a thread hop for the read plus a trip through the server's send path: 64 KiB
-    # (Starlette's default) holds a checkpoint download to a few hundred MiB/s on loopback.
-    chunk_size = 1024 * 1024
-
-
 def etag_matches(if_none_match: str, etag: str) -> bool:
     """RFC 9110 weak comparison of an If-None-Match list against our strong ETag."""
     if if_none_match.strip() == "*":
@@ -41,4 +35,4 @@ def file_response(request: Request, path: str | Path, *, sha256: str, filename: 
     if_none_match = request.headers.get("if-none-match")
     if if_none_match and etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    return ArtifactFileResponse(path, filename=Path(filename).name, media_type="application/octet-stream", headers=headers)
+    return FileResponse(path, filename=Path(filename).name, media_type="application/octet-stream", headers=headers)
