@@ -34,7 +34,7 @@ from gid_core.gism import select_general_instances_batched
 from gid_core.roi import assign_levels, pool_instances
 
 from .common import RESULTS_DIR, machine_info, write_json_atomic
-from .speed import SpeedSetting, measure, summary_table
+from .speed import add_setting_arguments, measure, setting_from_args, summary_table
 
 # The previous GISM: one NMS round over every candidate (pre_nms_top_n caps the prefix).
 select_all_candidates = functools.partial(select_general_instances_batched, first_prefix=sys.maxsize)
@@ -104,11 +104,7 @@ def check_exact(trials: int = 20, seed: int = 0) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hotspots", description=__doc__.split("\n")[0])
-    defaults = SpeedSetting()
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
+    add_setting_arguments(parser)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="before/after pairs, interleaved")
     parser.add_argument("--only", choices=("roi", "gism"), help="swap in only this previous implementation")
@@ -117,12 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.repeats < 1:
         parser.error("--iters and --repeats must be >= 1")
+    setting = setting_from_args(parser, args)
     exact = check_exact()
     print(f"mismatches on random inputs: {exact}", flush=True)
     if args.check:
         return 1 if any(exact.values()) else 0
     swap = {"roi": args.only in (None, "roi"), "gism": args.only in (None, "gism")}
-    setting = SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes)
     rows: list[tuple[str, dict[str, Any]]] = []
     for rep in range(args.repeats):
         with previous_implementations(**swap):

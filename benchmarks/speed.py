@@ -397,13 +397,25 @@ def plot_scaling(scaling: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``SpeedSetting`` fields as options (shared with ``benchmarks.hotspots``)."""
     defaults = SpeedSetting()
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
+
+
+def setting_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SpeedSetting:
+    for name in ("batch_size", "image_size", "top_k", "num_classes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+    add_setting_arguments(parser)
     parser.add_argument("--iters", type=int, default=15, help="timed iterations of the base setting")
     parser.add_argument("--sweep-iters", type=int, default=6, help="timed iterations per scaling point")
     parser.add_argument("--warmup", type=int, default=2)
@@ -417,11 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="where to generate the input images "
                         "(default: benchmarks/cache, reused between runs)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "image_size", "top_k", "num_classes", "iters", "sweep_iters"):
+    for name in ("iters", "sweep_iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-
-    base = SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes)
+    base = setting_from_args(parser, args)
     print(f"machine: {machine_info()}", flush=True)
     print(f"base setting: {base}  ({args.iters} timed iterations)", flush=True)
     result = measure(base, iters=args.iters, warmup=args.warmup, device=args.device, data_dir=args.data_dir)
