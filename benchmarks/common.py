@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gid_core.config import ModelConfig, SyntheticDatasetConfig
-from gid_core.fileio import atomic_write, atomic_write_text
+from gid_core.fileio import atomic_write, write_json_atomic
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -63,11 +63,6 @@ def config_hash(obj: Any, length: int = 12) -> str:
         obj = obj.model_dump(mode="json")
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file in the same folder, fsync, rename: a reader never sees half a result file."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_figure_atomic(fig: Any, path: Path) -> None:

@@ -32,7 +32,10 @@ from typing import Any
 import torch
 
 from gid_core.config import DataConfig, DistillConfig, Hyperparameters, JobConfig, ModelConfig
-from gid_core.hooks import EvalHook, HookBase
+from gid_core.fileio import write_json_atomic
+from gid_core.hooks import EvalHook
+from gid_core.jobdir import EXPORT_WEIGHTS
+from gid_core.trainer import HookBase
 
 from .common import (
     CACHE_DIR,
@@ -47,7 +50,6 @@ from .common import (
     save_figure_atomic,
     student_model_config,
     teacher_model_config,
-    write_json_atomic,
 )
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -219,7 +221,7 @@ def _teacher_stage(plan: Plan, data: dict, iters: int, init_weights: str | None,
     result, curve, seconds = _run(job, out / "run", resume=True)
     metrics = {k: result["metrics"].get(k) for k in METRICS}
     info = {
-        "weights": str(Path(result["export_dir"]) / "model.safetensors"),
+        "weights": str(Path(result["export_dir"]) / EXPORT_WEIGHTS),
         "metrics": metrics,
         "curve": [p for p in curve if p["iteration"] < iters] + [{"iteration": iters, **metrics}],
         "seconds": seconds,

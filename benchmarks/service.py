@@ -1,6 +1,6 @@
 """How fast is the service around the training? (``make bench-service``)
 
-Against the embedded stack (``service.embedded.EmbeddedStack``, what ``gid up`` runs: Redis, the
+Against the embedded stack (``gid.embedded.EmbeddedStack``, what ``gid up`` runs: Redis, the
 API under uvicorn, one Celery worker, SQLite), on loopback only:
 
 1. ``submit``: ``POST /v1/jobs`` latency, on an idle stack and while a job trains (a burst of
@@ -38,9 +38,10 @@ from typing import Any
 
 import httpx
 
-from .common import RESULTS_DIR, format_table, machine_info, save_figure_atomic, write_json_atomic
+from gid_core.fileio import write_json_atomic
+from service.status import TERMINAL_STATUSES
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from .common import RESULTS_DIR, format_table, machine_info, save_figure_atomic
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -255,7 +256,8 @@ def training_pids(job_dir: Path) -> list[int]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gid_core.config import SyntheticDatasetConfig
     from gid_core.synthetic import make_synthetic_dataset
-    from service.embedded import EmbeddedStack, free_port
+    from gid.embedded import EmbeddedStack
+    from gid_core.processes import free_port
 
     data_dir = Path(tempfile.mkdtemp(prefix="gid-bench-service-"))
     stack = EmbeddedStack(data_dir, port=free_port(), startup_timeout=180)
@@ -281,7 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             submit_idle.append(t)
             _, waited = client.wait(job["id"], lambda j: j["status"] != "queued", timeout=120, what="running")
             to_running.append(t + waited)
-            done, _ = client.wait(job["id"], lambda j: j["status"] in TERMINAL, timeout=600, what="the end", period=0.2)
+            done, _ = client.wait(job["id"], lambda j: j["status"] in TERMINAL_STATUSES, timeout=600, what="the end",
+                                  period=0.2)
             if done["status"] != "succeeded":
                 raise RuntimeError(f"short job {job['id']} ended {done['status']}: {done.get('error')}")
             to_running_server.append(_server_seconds(done, "created_at", "started_at"))
@@ -297,7 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         submit_idle.append(t)
         _, waited = client.wait(long_job["id"], lambda j: j["status"] != "queued", timeout=120, what="running")
         to_running.append(t + waited)
-        client.wait(long_job["id"], lambda j: (j["progress"] or {}).get("iteration", 0) >= 1 or j["status"] in TERMINAL,
+        client.wait(long_job["id"],
+                    lambda j: (j["progress"] or {}).get("iteration", 0) >= 1 or j["status"] in TERMINAL_STATUSES,
                     timeout=300, what="the first iteration", period=0.2)
         poll = poll_phase(client, long_job["id"], seconds=args.poll_seconds, **poll_kw)
         _print_poll("while training", poll)
@@ -327,7 +331,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for job_id in queued:
             client.call("POST", f"/v1/jobs/{job_id}/cancel", expect=(200, 409))
         client.call("POST", f"/v1/jobs/{long_job['id']}/cancel", expect=(200, 409))
-        long_done, _ = client.wait(long_job["id"], lambda j: j["status"] in TERMINAL, timeout=300, what="the end", period=0.2)
+        long_done, _ = client.wait(long_job["id"], lambda j: j["status"] in TERMINAL_STATUSES, timeout=300,
+                                   what="the end", period=0.2)
         to_running_server.append(_server_seconds(long_done, "created_at", "started_at"))
 
         # 4. artifact download vs a plain read (nothing trains now).

@@ -43,6 +43,7 @@ from gid_core.config import DistillConfig, ModelConfig
 from gid_core.data import CocoDetectionDataset, collate_detection
 from gid_core.dense import DenseOutputs
 from gid_core.distill import GIDDistiller
+from gid_core.fileio import write_json_atomic
 from gid_core.gism import select_general_instances_batched
 from gid_core.losses import feature_loss, relation_loss_batched, response_loss
 from gid_core.models import build_detector
@@ -57,7 +58,6 @@ from .common import (
     student_model_config,
     teacher_model_config,
     timed,
-    write_json_atomic,
 )
 
 PARTS = ("gism", "roi_feature", "relation", "response")
@@ -398,7 +398,7 @@ def plot_scaling(scaling: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``SpeedSetting`` fields as options (shared with ``benchmarks.hotspots``)."""
+    """The ``SpeedSetting`` fields as options."""
     defaults = SpeedSetting()
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)

@@ -18,53 +18,27 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .config import EvalConfig, JobConfig, SyntheticDatasetConfig
+from .config import EvalConfig, JobConfig, SyntheticDatasetConfig, load_config_file
+from .errors import ConfigFileError, ProblemsError
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 3
 
 
-class CliError(Exception):
-    """A user error: printed without a traceback, exit code 2."""
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CliError(f"config file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise CliError(f"{path}: config must be .yaml, .yml or .json")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CliError(f"{path}: invalid JSON: {e}") from e
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise CliError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}: {error.error_count()} problem(s)"]
+def format_validation_error(error: ValidationError, source: Path) -> str:
+    lines = [f"invalid config file {source}: {error.error_count()} problem(s)"]
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         lines.append(f"  {where}: {e['msg']}")
     return "\n".join(lines)
 
 
-def parse_model(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+def parse_model(model: type[BaseModel], data: dict[str, Any], source: Path) -> Any:
+    """``model`` from a config file's ``data``; ``ConfigFileError`` lists every invalid field."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise CliError(format_validation_error(e, source)) from e
+        raise ConfigFileError(source, format_validation_error(e, source)) from None
 
 
 def cli_hooks(rank: int, desc: str) -> list:
@@ -88,7 +62,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     data = load_config_file(args.config)
     if args.output_dir is not None:
         data["output_dir"] = str(args.output_dir)
-    cfg = parse_model(SyntheticDatasetConfig, data, str(args.config))
+    cfg = parse_model(SyntheticDatasetConfig, data, args.config)
     print(json.dumps(make_synthetic_dataset(cfg), indent=2))
     return 0
 
@@ -99,10 +73,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_config_file(args.config)
     kind = data.setdefault("kind", args.command)
     if kind != args.command:
-        raise CliError(f"kind: the config says {kind!r} but the command is {args.command!r}")
+        raise ConfigFileError(args.config, f"config file {args.config}: kind: the config says {kind!r} "
+                                           f"but the command is {args.command!r}")
     if args.devices is not None:
         data["devices"] = args.devices
-    job: JobConfig = parse_model(JobConfig, data, str(args.config))
+    job: JobConfig = parse_model(JobConfig, data, args.config)
     if job.devices > 1:  # in the parent, so errors are not buried in a child's traceback
         check_job_inputs(job)
     hooks = functools.partial(cli_hooks, desc=args.command) if not args.no_progress else None
@@ -112,18 +87,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine import check_dataset, run_evaluation_launched, write_json_atomic
+    from .engine import check_dataset, run_evaluation_launched
+    from .fileio import write_json_atomic
+    from .jobdir import JobDir
 
     data = load_config_file(args.config)
     if args.devices is not None:
         data["devices"] = args.devices
-    cfg: EvalConfig = parse_model(EvalConfig, data, str(args.config))
+    cfg: EvalConfig = parse_model(EvalConfig, data, args.config)
     if cfg.devices > 1:
-        check_dataset(cfg.annotations, cfg.images, cfg.model.num_classes, "model.num_classes")
+        check_dataset(cfg.annotations, cfg.images, cfg.model.num_classes, loc=("model", "num_classes"))
     metrics = run_evaluation_launched(cfg)
     if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.output_dir / "metrics.json", metrics)
+        write_json_atomic(JobDir(args.output_dir).metrics, metrics)  # creates the folder
     _print_result({"metrics": metrics})
     return 0
 
@@ -159,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    from .data import DatasetValidationError
-    from .engine import JobSetupError
-
     try:
         return args.fn(args)
-    except (CliError, DatasetValidationError, JobSetupError) as e:
+    except (ConfigFileError, ProblemsError) as e:  # bad config file, dataset or setup
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

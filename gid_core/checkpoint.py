@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,9 @@ import numpy as np
 import torch
 
 from .fileio import atomic_write
+from .jobdir import CHECKPOINT_FILE, CHECKPOINT_POINTER, latest_checkpoint, list_checkpoints
 
 logger = logging.getLogger(__name__)
-
-POINTER = "last"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.pt$")
 
 
 class Checkpointer:
@@ -39,36 +36,22 @@ class Checkpointer:
     def save(self, name: str, state: dict[str, Any]) -> Path:
         """Writes ``state`` as ``name`` (``.pt`` added if missing) and points ``last`` at it."""
         filename = name if name.endswith(".pt") else f"{name}.pt"
-        if not _NAME.match(filename):
+        if not CHECKPOINT_FILE.match(filename):
             raise ValueError(f"invalid checkpoint name {name!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / filename
         atomic_write(path, lambda f: torch.save(state, f))
-        atomic_write(self.directory / POINTER, lambda f: f.write(filename.encode()))
+        atomic_write(self.directory / CHECKPOINT_POINTER, lambda f: f.write(filename.encode()))
         self._prune(keep_name=filename)
         logger.info("saved checkpoint %s", path)
         return path
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        files = [p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_file()]
-        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return list_checkpoints(self.directory)
 
     def latest_path(self) -> Path | None:
-        pointer = self.directory / POINTER
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if not _NAME.match(name):
-                raise ValueError(f"{pointer}: invalid checkpoint name {name!r}")
-            path = self.directory / name
-            if path.is_file():
-                return path
-            logger.warning("%s names missing checkpoint %s; using the newest file", pointer, name)
-        # The pointer is written after its checkpoint, so a file without a pointer is complete.
-        files = self.checkpoints()
-        return files[-1] if files else None
+        return latest_checkpoint(self.directory)
 
     def load_latest(self) -> dict[str, Any] | None:
         path = self.latest_path()

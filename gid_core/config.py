@@ -1,7 +1,10 @@
 """The one job configuration shared by the CLI, the REST service, the worker and the engine.
 
-Every model here is a pydantic model with ``extra="forbid"``: a typo in a config file or an API
-body is an error that names the field, never a silently ignored setting.
+Every model here is a ``StrictModel`` (pydantic, ``extra="forbid"``): a typo in a config file or an
+API body is an error that names the field, never a silently ignored setting. The rules that relate
+fields of different models (teacher and student, classes and datasets, batch and devices) are
+written once, below the models, as functions returning ``gid_core.errors.Problem``s; the service
+runs the same functions on a job request. ``load_config_file`` reads a YAML or JSON config file.
 
 Layout::
 
@@ -18,10 +21,15 @@ Layout::
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .errors import ConfigFileError, Loc, Problem
 
 Arch = Literal["retinanet", "fcos", "fasterrcnn"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
@@ -31,11 +39,13 @@ ARCHS: tuple[str, ...] = Arch.__args__  # type: ignore[attr-defined]
 BACKBONES: tuple[str, ...] = Backbone.__args__  # type: ignore[attr-defined]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config and request body: an unknown field is an error, never ignored."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Everything needed to rebuild a torchvision detector (recorded beside every export)."""
 
     arch: Arch
@@ -70,7 +80,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """COCO-format datasets: an annotation JSON and the folder its ``file_name``s are relative to."""
 
     train_annotations: Path
@@ -85,7 +95,7 @@ class DataConfig(_Strict):
         return self
 
 
-class DistillConfig(_Strict):
+class DistillConfig(StrictModel):
     """GID settings. Defaults are the authors' reference configuration (Dai et al., CVPR 2021)."""
 
     # GISM
@@ -112,7 +122,7 @@ class DistillConfig(_Strict):
     use_response: bool = True
 
 
-class Hyperparameters(_Strict):
+class Hyperparameters(StrictModel):
     """Optimisation, schedule, data and bookkeeping settings of one training run."""
 
     max_iters: int = Field(1000, ge=1)
@@ -147,7 +157,7 @@ class Hyperparameters(_Strict):
         return self
 
 
-class JobConfig(_Strict):
+class JobConfig(StrictModel):
     """One training job, as the engine runs it."""
 
     kind: Literal["train", "distill"]
@@ -158,33 +168,17 @@ class JobConfig(_Strict):
     devices: int = Field(1, ge=1, le=64, description="DDP processes (GPUs on CUDA)")
 
     @model_validator(mode="after")
-    def _check_teacher(self) -> "JobConfig":
-        if self.kind == "distill":
-            if self.teacher is None:
-                raise ValueError("teacher: required when kind is 'distill'")
-            if self.teacher.weights is None:
-                raise ValueError("teacher.weights: a distillation teacher must be trained")
-            if self.teacher.num_classes != self.student.num_classes:
-                raise ValueError(
-                    f"teacher.num_classes ({self.teacher.num_classes}) != "
-                    f"student.num_classes ({self.student.num_classes})"
-                )
-            if self.teacher.arch != self.student.arch:
-                raise ValueError(
-                    f"teacher.arch ({self.teacher.arch}) != student.arch ({self.student.arch}): "
-                    "GID matches dense predictions one to one"
-                )
-        elif self.teacher is not None:
-            raise ValueError("teacher: only allowed when kind is 'distill'")
-        if self.hyperparameters.batch_size % self.devices:
-            raise ValueError(
-                f"hyperparameters.batch_size ({self.hyperparameters.batch_size}) must be divisible "
-                f"by devices ({self.devices})"
-            )
+    def _cross_field_rules(self) -> "JobConfig":
+        problems = teacher_problems(self.kind, self.student, self.teacher)
+        if self.teacher is not None:
+            problems += class_problems(self.student.num_classes, teacher_classes=self.teacher.num_classes)
+        problems += batch_split_problems(self.hyperparameters.batch_size, self.devices)
+        if problems:
+            raise _validation_error(self, problems)
         return self
 
 
-class SyntheticDatasetConfig(_Strict):
+class SyntheticDatasetConfig(StrictModel):
     """The deterministic synthetic COCO-format generator (``make-dataset``)."""
 
     output_dir: Path
@@ -203,7 +197,7 @@ class SyntheticDatasetConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """``evaluate``: a checkpoint or export against a COCO-format dataset."""
 
     model: ModelConfig
@@ -212,3 +206,130 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     devices: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
+
+
+# --------------------------------------------------------------------------- cross-field rules
+# Each rule is written once, here: JobConfig's validator, the engine's dataset checks and the
+# service's job submission all report the problems these return. A problem's loc is a location in
+# JobConfig (EvalConfig for an evaluation), which the service maps to its own request fields.
+
+STUDENT_CLASSES: Loc = ("student", "num_classes")
+
+
+def teacher_problems(kind: str, student: ModelConfig, teacher: ModelConfig | None) -> list[Problem]:
+    """A distillation has a trained teacher of the student's arch; a training job has no teacher."""
+    if kind != "distill":
+        return [] if teacher is None else [Problem(("teacher",), "only allowed when kind is 'distill'")]
+    if teacher is None:
+        return [Problem(("teacher",), "required when kind is 'distill'", "missing")]
+    problems = []
+    if teacher.weights is None:
+        problems.append(Problem(("teacher", "weights"), "a distillation teacher must be trained", "missing"))
+    if teacher.arch != student.arch:
+        problems.append(Problem(
+            ("teacher", "arch"),
+            f"teacher.arch ({teacher.arch}) != student.arch ({student.arch}): "
+            "GID matches dense predictions one to one",
+        ))
+    return problems
+
+
+def dataset_class_problems(
+    num_classes: int, categories: list[Any], *, loc: Loc, dataset: str
+) -> list[Problem]:
+    """A detector with ``num_classes`` (the field at ``loc``) fits a dataset with these categories."""
+    if len(categories) == num_classes:
+        return []
+    field = ".".join(map(str, loc))
+    message = f"{field} ({num_classes}) != the {len(categories)} categories of {dataset}"
+    return [Problem(loc, message, "class_mismatch")]
+
+
+def class_problems(
+    student_classes: int,
+    *,
+    teacher_classes: int | None = None,
+    teacher_categories: list[Any] | None = None,
+    train_categories: list[Any] | None = None,
+    val_categories: list[Any] | None = None,
+) -> list[Problem]:
+    """Teacher, student and datasets agree on the classes (None: not known to the caller).
+    Categories are lists in label order, compared as given (names, or ``{"id", "name"}`` dicts)."""
+    problems = []
+    if train_categories is not None:
+        problems += dataset_class_problems(
+            student_classes, train_categories, loc=STUDENT_CLASSES, dataset="the train set"
+        )
+        if val_categories is not None and val_categories != train_categories:
+            problems.append(Problem(
+                ("data", "val_annotations"),
+                f"the val set's categories {val_categories} differ from the train set's {train_categories}",
+                "class_mismatch",
+            ))
+    if teacher_classes is not None and teacher_classes != student_classes:
+        problems.append(Problem(
+            ("teacher", "num_classes"),
+            f"teacher.num_classes ({teacher_classes}) != student.num_classes ({student_classes})",
+            "class_mismatch",
+        ))
+    elif None not in (teacher_categories, train_categories) and teacher_categories != train_categories:
+        problems.append(Problem(
+            ("teacher", "weights"),  # the categories the teacher's weights were trained on
+            f"the teacher's categories {teacher_categories} differ from the train set's {train_categories}",
+            "class_mismatch",
+        ))
+    return problems
+
+
+def batch_split_problems(batch_size: int, devices: int) -> list[Problem]:
+    """The global batch splits evenly across the DDP processes."""
+    if batch_size % devices == 0:
+        return []
+    message = f"batch_size ({batch_size}) must be divisible by devices ({devices})"
+    return [Problem(("hyperparameters", "batch_size"), message)]
+
+
+def _validation_error(model: BaseModel, problems: list[Problem]) -> ValidationError:
+    """pydantic's error for ``problems``, each at its own loc (a validator's ``ValueError`` would
+    sit at the model's loc, and the field would survive only in the message text)."""
+    return ValidationError.from_exception_data(type(model).__name__, [
+        InitErrorDetails(
+            type=PydanticCustomError(p.code, "{message}", {"message": p.message}),
+            loc=p.loc,
+            input=functools.reduce(getattr, p.loc, model),
+        )
+        for p in problems
+    ])
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file; any other suffix
+    is read as YAML, which also accepts JSON. Raises ``ConfigFileError`` naming the file and what is
+    wrong with it: missing, unreadable, bad syntax, or not a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(path, f"cannot read config file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigFileError(path, f"cannot read config file {path}: {reason}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigFileError(path, f"config file {path} is not valid JSON: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            syntax = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "YAML or JSON"
+            raise ConfigFileError(path, f"config file {path} is not valid {syntax}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(path, f"config file {path}: expected a mapping, got {type(data).__name__}")
+    return data

@@ -2,7 +2,9 @@
 
 A dataset is an annotation JSON (``images``, ``annotations``, ``categories``) plus the folder its
 ``file_name``s are relative to. :func:`validate_coco_dataset` reads the whole thing once and lists
-*every* problem it finds, so a bad upload fails before training starts with messages such as::
+*every* problem it finds, so a bad upload fails before training starts. Each problem is a
+:class:`gid_core.errors.Problem` located in the annotation JSON or the images folder, with a message
+such as::
 
     annotations[12] (id 57): bbox [10, 5, 0, 3] has non-positive width
 
@@ -38,10 +40,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import Loc, Problem, ProblemsError
+
 __all__ = [
     "CocoDetectionDataset",
     "DatasetValidationError",
     "MAX_REPORTED_PROBLEMS",
+    "label_order",
     "collate_detection",
     "resized_hw",
     "rescale_boxes",
@@ -52,17 +57,18 @@ MAX_REPORTED_PROBLEMS = 100
 # Boxes may stick out of the image by this many pixels (rounding in third-party exporters).
 BOX_TOLERANCE_PX = 1.0
 
+# Where a dataset problem is: in the annotation JSON, in the images folder, or (the note that more
+# problems were left out) the dataset as a whole.
+ANNOTATIONS_LOC: Loc = ("annotations",)
+IMAGES_LOC: Loc = ("images",)
+DATASET_LOC: Loc = ()
+DATASET_LOCS = (ANNOTATIONS_LOC, IMAGES_LOC, DATASET_LOC)
 
-class DatasetValidationError(ValueError):
+
+class DatasetValidationError(ProblemsError):
     """A COCO dataset failed validation; ``problems`` lists every problem found."""
 
-    def __init__(self, problems: Sequence[str], source: str | Path | None = None) -> None:
-        self.problems = list(problems)
-        self.source = str(source) if source is not None else None
-        where = f" {self.source}" if self.source else ""
-        lines = [f"invalid COCO dataset{where}: {len(self.problems)} problem(s)"]
-        lines += [f"  - {p}" for p in self.problems]
-        super().__init__("\n".join(lines))
+    summary = "invalid COCO dataset"
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,14 +91,22 @@ def _label(kind: str, index: int, item: Any) -> str:
     return f"{kind}[{index}]"
 
 
-def _check_int_field(item: dict, key: str, where: str, problems: list[str], *, positive=False) -> bool:
+def _json_problem(message: str) -> Problem:
+    return Problem(ANNOTATIONS_LOC, message, "invalid_dataset")
+
+
+def _image_problem(message: str) -> Problem:
+    return Problem(IMAGES_LOC, message, "invalid_dataset")
+
+
+def _check_int_field(item: dict, key: str, where: str, problems: list[Problem], *, positive=False) -> bool:
     if key not in item:
-        problems.append(f"{where}: missing '{key}'")
+        problems.append(_json_problem(f"{where}: missing '{key}'"))
         return False
     value = item[key]
     if not _is_int(value) or (positive and value <= 0):
         kind = "a positive integer" if positive else "an integer"
-        problems.append(f"{where}: '{key}' must be {kind}, got {json.dumps(value)}")
+        problems.append(_json_problem(f"{where}: '{key}' must be {kind}, got {json.dumps(value)}"))
         return False
     return True
 
@@ -103,34 +117,38 @@ def _safe_relative(file_name: str) -> bool:
     return bool(parts) and parts[0] != "/" and ".." not in parts and ":" not in parts[0]
 
 
-def _check_images(images_list: list, images_dir: Path, problems: list[str]) -> dict[int, tuple[int, int]]:
+def _check_images(images_list: list, images_dir: Path, problems: list[Problem]) -> dict[int, tuple[int, int]]:
     """Checks ``images``; returns ``{image_id: (width, height)}`` of the usable entries."""
     sizes: dict[int, tuple[int, int]] = {}
     first_index: dict[int, int] = {}
     check_files = images_dir.is_dir()
     if not check_files:
-        problems.append(f"images folder {images_dir}: not found or not a directory")
+        problems.append(_image_problem(f"images folder {images_dir}: not found or not a directory"))
     for i, img in enumerate(images_list):
         where = _label("images", i, img)
         if not isinstance(img, dict):
-            problems.append(f"{where}: must be an object, got {type(img).__name__}")
+            problems.append(_json_problem(f"{where}: must be an object, got {type(img).__name__}"))
             continue
         ok = _check_int_field(img, "id", where, problems)
         ok &= _check_int_field(img, "width", where, problems, positive=True)
         ok &= _check_int_field(img, "height", where, problems, positive=True)
         file_name = img.get("file_name")
         if not isinstance(file_name, str) or not file_name:
-            problems.append(f"{where}: 'file_name' must be a non-empty string, got {json.dumps(file_name)}")
+            problems.append(_json_problem(
+                f"{where}: 'file_name' must be a non-empty string, got {json.dumps(file_name)}"
+            ))
             ok = False
         elif not _safe_relative(file_name):
-            problems.append(
+            problems.append(_json_problem(
                 f"{where}: file_name '{file_name}' must be a relative path inside the images folder"
-            )
+            ))
             ok = False
         if _is_int(img.get("id")):
             if img["id"] in first_index:
                 first = first_index[img["id"]]
-                problems.append(f"{where}: duplicate image id {img['id']} (first at images[{first}])")
+                problems.append(_json_problem(
+                    f"{where}: duplicate image id {img['id']} (first at images[{first}])"
+                ))
                 continue
             first_index[img["id"]] = i
         if not ok:
@@ -143,66 +161,72 @@ def _check_images(images_list: list, images_dir: Path, problems: list[str]) -> d
 
 
 def _check_image_file(
-    path: Path, file_name: str, wh: tuple[int, int], where: str, problems: list[str]
+    path: Path, file_name: str, wh: tuple[int, int], where: str, problems: list[Problem]
 ) -> None:
     if not path.is_file():
-        problems.append(f"{where}: file '{file_name}' not found in {path.parent}")
+        problems.append(_image_problem(f"{where}: file '{file_name}' not found in {path.parent}"))
         return
     try:
         # Image.open reads only the header: cheap even for big JPEGs.
         with Image.open(path) as im:
             actual = im.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        problems.append(f"{where}: cannot read image '{file_name}': {e}")
+        problems.append(_image_problem(f"{where}: cannot read image '{file_name}': {e}"))
         return
     if actual != wh:
-        problems.append(
+        problems.append(_image_problem(
             f"{where}: size in JSON is {wh[0]}x{wh[1]} (width x height) "
             f"but '{file_name}' is {actual[0]}x{actual[1]}"
-        )
+        ))
 
 
-def _check_categories(categories: list, problems: list[str]) -> set[int]:
+def _check_categories(categories: list, problems: list[Problem]) -> set[int]:
     ids: dict[int, int] = {}
     names: dict[str, int] = {}
     if not categories:
-        problems.append("categories: empty; at least one category is required")
+        problems.append(_json_problem("categories: empty; at least one category is required"))
     for i, cat in enumerate(categories):
         where = _label("categories", i, cat)
         if not isinstance(cat, dict):
-            problems.append(f"{where}: must be an object, got {type(cat).__name__}")
+            problems.append(_json_problem(f"{where}: must be an object, got {type(cat).__name__}"))
             continue
         if _check_int_field(cat, "id", where, problems):
             if cat["id"] in ids:
                 first = ids[cat["id"]]
-                problems.append(f"{where}: duplicate category id {cat['id']} (first at categories[{first}])")
+                problems.append(_json_problem(
+                    f"{where}: duplicate category id {cat['id']} (first at categories[{first}])"
+                ))
             else:
                 ids[cat["id"]] = i
         name = cat.get("name")
         if not isinstance(name, str) or not name:
-            problems.append(f"{where}: 'name' must be a non-empty string, got {json.dumps(name)}")
+            problems.append(_json_problem(
+                f"{where}: 'name' must be a non-empty string, got {json.dumps(name)}"
+            ))
         elif name in names:
             # Per-category metrics are keyed by name, so names must be unique.
-            problems.append(f"{where}: duplicate category name '{name}' (first at categories[{names[name]}])")
+            problems.append(_json_problem(
+                f"{where}: duplicate category name '{name}' (first at categories[{names[name]}])"
+            ))
         else:
             names[name] = i
     return set(ids)
 
 
 def _check_bbox(
-    bbox: Any, wh: tuple[int, int] | None, image_id: Any, where: str, problems: list[str]
+    bbox: Any, wh: tuple[int, int] | None, image_id: Any, where: str, problems: list[Problem]
 ) -> None:
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        problems.append(
+        problems.append(_json_problem(
             f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {json.dumps(bbox)}"
-        )
+        ))
         return
     x, y, w, h = bbox
     text = json.dumps(bbox)
     if w <= 0:
-        problems.append(f"{where}: bbox {text} has non-positive width")
+        problems.append(_json_problem(f"{where}: bbox {text} has non-positive width"))
     if h <= 0:
-        problems.append(f"{where}: bbox {text} has non-positive height")
+        problems.append(_json_problem(f"{where}: bbox {text} has non-positive height"))
     if wh is None:
         return
     width, height = wh
@@ -215,10 +239,10 @@ def _check_bbox(
     }
     for edge, by in overshoot.items():
         if by > tol:
-            problems.append(
+            problems.append(_json_problem(
                 f"{where}: bbox {text} extends past the {edge} edge of image {image_id} "
                 f"({width}x{height}) by {by:g} px"
-            )
+            ))
 
 
 def _check_annotations(
@@ -226,88 +250,103 @@ def _check_annotations(
     sizes: dict[int, tuple[int, int]],
     image_ids: set[int] | None,
     cat_ids: set[int] | None,
-    problems: list[str],
+    problems: list[Problem],
 ) -> None:
     """``image_ids``/``cat_ids`` None: that top-level list is unusable (already reported)."""
     first_index: dict[int, int] = {}
     for i, ann in enumerate(annotations):
         where = _label("annotations", i, ann)
         if not isinstance(ann, dict):
-            problems.append(f"{where}: must be an object, got {type(ann).__name__}")
+            problems.append(_json_problem(f"{where}: must be an object, got {type(ann).__name__}"))
             continue
         if _check_int_field(ann, "id", where, problems):
             if ann["id"] in first_index:
                 first = first_index[ann["id"]]
-                problems.append(f"{where}: duplicate annotation id {ann['id']} (first at annotations[{first}])")
+                problems.append(_json_problem(
+                    f"{where}: duplicate annotation id {ann['id']} (first at annotations[{first}])"
+                ))
             else:
                 first_index[ann["id"]] = i
         image_id = ann.get("image_id")
         if _check_int_field(ann, "image_id", where, problems):
             if image_ids is not None and image_id not in image_ids:
-                problems.append(f"{where}: image_id {image_id} is not a declared image")
+                problems.append(_json_problem(f"{where}: image_id {image_id} is not a declared image"))
         category_id = ann.get("category_id")
         if _check_int_field(ann, "category_id", where, problems):
             if cat_ids is not None and category_id not in cat_ids:
-                problems.append(f"{where}: category_id {category_id} is not a declared category")
+                problems.append(_json_problem(
+                    f"{where}: category_id {category_id} is not a declared category"
+                ))
         if "bbox" not in ann:
-            problems.append(f"{where}: missing 'bbox'")
+            problems.append(_json_problem(f"{where}: missing 'bbox'"))
         else:
             wh = sizes.get(image_id) if _is_int(image_id) else None
             _check_bbox(ann["bbox"], wh, image_id, where, problems)
         if "iscrowd" in ann and not (_is_int(ann["iscrowd"]) and ann["iscrowd"] in (0, 1)):
-            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {json.dumps(ann['iscrowd'])}")
+            problems.append(_json_problem(
+                f"{where}: 'iscrowd' must be 0 or 1, got {json.dumps(ann['iscrowd'])}"
+            ))
         if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
-            problems.append(f"{where}: 'area' must be a non-negative number, got {json.dumps(ann['area'])}")
+            problems.append(_json_problem(
+                f"{where}: 'area' must be a non-negative number, got {json.dumps(ann['area'])}"
+            ))
 
 
-def _cap(problems: list[str], limit: int = MAX_REPORTED_PROBLEMS) -> list[str]:
+def _cap(problems: list[Problem], limit: int = MAX_REPORTED_PROBLEMS) -> list[Problem]:
     if len(problems) <= limit:
         return problems
-    return problems[:limit] + [f"... and {len(problems) - limit} more problems"]
+    more = Problem(DATASET_LOC, f"... and {len(problems) - limit} more problems", "too_many_problems")
+    return problems[:limit] + [more]
 
 
-def _read_json(path: Path, problems: list[str]) -> Any:
+def _read_json(path: Path, problems: list[Problem]) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        problems.append(f"{path}: annotation file not found")
+        problems.append(_json_problem(f"{path}: annotation file not found"))
         return None
     except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"{path}: cannot read annotation file: {e}")
+        problems.append(_json_problem(f"{path}: cannot read annotation file: {e}"))
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        problems.append(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})")
+        problems.append(_json_problem(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})"))
         return None
 
 
-def validate_coco_dataset(annotations: str | Path, images: str | Path) -> tuple[dict, list[str]]:
+def validate_coco_dataset(annotations: str | Path, images: str | Path) -> tuple[dict, list[Problem]]:
     """Parses a COCO detection dataset and checks it; returns ``(parsed dict, problems)``.
 
-    ``problems`` is empty for a usable dataset. Every check runs (nothing stops at the first
-    error); the list is capped at :data:`MAX_REPORTED_PROBLEMS` messages plus a final
-    ``"... and N more problems"``. The parsed dict is ``{}`` when the JSON itself is unusable.
-    Image files are checked by header only (existence, readability, size), never decoded.
+    ``problems`` is empty for a usable dataset; each one's ``loc`` is :data:`ANNOTATIONS_LOC` (the
+    JSON) or :data:`IMAGES_LOC` (the image files). Every check runs (nothing stops at the first
+    error); the list is capped at :data:`MAX_REPORTED_PROBLEMS` problems plus a final
+    ``"... and N more problems"`` at :data:`DATASET_LOC`. The parsed dict is ``{}`` when the JSON
+    itself is unusable. Image files are checked by header only (existence, readability, size),
+    never decoded.
     """
     annotations, images = Path(annotations), Path(images)
-    problems: list[str] = []
+    problems: list[Problem] = []
     data = _read_json(annotations, problems)
     if data is None:
         return {}, problems
     if not isinstance(data, dict):
-        problems.append(f"{annotations}: top level must be a JSON object, got {type(data).__name__}")
+        problems.append(_json_problem(
+            f"{annotations}: top level must be a JSON object, got {type(data).__name__}"
+        ))
         return {}, problems
     lists: dict[str, list] = {}
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            problems.append(f"missing top-level key '{key}'")
+            problems.append(_json_problem(f"missing top-level key '{key}'"))
         elif not isinstance(data[key], list):
-            problems.append(f"top-level '{key}' must be a list, got {type(data[key]).__name__}")
+            problems.append(_json_problem(
+                f"top-level '{key}' must be a list, got {type(data[key]).__name__}"
+            ))
         else:
             lists[key] = data[key]
     if "images" in lists and not lists["images"]:
-        problems.append("images: empty; a dataset needs at least one image")
+        problems.append(_json_problem("images: empty; a dataset needs at least one image"))
     sizes = _check_images(lists.get("images", []), images, problems) if "images" in lists else {}
     cat_ids = _check_categories(lists["categories"], problems) if "categories" in lists else None
     if "annotations" in lists:
@@ -318,6 +357,12 @@ def validate_coco_dataset(annotations: str | Path, images: str | Path) -> tuple[
             }
         _check_annotations(lists["annotations"], sizes, image_ids, cat_ids, problems)
     return data, _cap(problems)
+
+
+def label_order(categories: list[dict]) -> list[dict]:
+    """A validated dataset's categories in label order (sorted by COCO id: label ``L`` is entry
+    ``L - 1``) as ``{"id", "name"}``."""
+    return [{"id": int(c["id"]), "name": str(c["name"])} for c in sorted(categories, key=lambda c: c["id"])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,8 +438,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self._data: dict | None = data
         self._coco = None
 
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        self.categories: list[dict] = [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
+        self.categories: list[dict] = label_order(data["categories"])
         self.category_id_to_label: dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         # index = label; index 0 (background) maps to -1.
         self._label_to_cat = torch.tensor([-1] + [c["id"] for c in self.categories], dtype=torch.int64)

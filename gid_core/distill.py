@@ -38,14 +38,9 @@ from torchvision.models.detection.image_list import ImageList
 from .config import DistillConfig
 from .dense import DenseOutputs, dense_view_for
 from .gism import select_general_instances_batched
+from .launch import get_world_size
 from .losses import feature_loss, relation_loss_batched, response_loss
 from .roi import assign_levels, feature_levels, pool_instances
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def _global_count(count: Tensor) -> Tensor:
@@ -54,7 +49,7 @@ def _global_count(count: Tensor) -> Tensor:
     DDP averages gradients over W ranks, so each rank's loss is scaled by W (see ``_distill_losses``)
     and divided by the global count: the step then equals one process with the whole batch."""
     count = count.detach().to(torch.float32)
-    if _world_size() > 1:
+    if get_world_size() > 1:
         count = count.clone()
         dist.all_reduce(count)
     return count
@@ -161,7 +156,7 @@ class GIDDistiller(nn.Module):
         use_relation = cfg.use_relation and cfg.weight_relation > 0
         use_response = cfg.use_response and (cfg.weight_response_cls > 0 or cfg.weight_response_reg > 0)
         gi = self.select_instances(t_out, s_out)
-        n, world = len(gi.counts), _world_size()
+        n, world = len(gi.counts), get_world_size()
         losses: dict[str, Tensor] = {}
 
         if use_feature or use_relation:

@@ -1,15 +1,10 @@
 """Running one ``JobConfig``: models, data, optimiser, hooks, resume, final evaluation, export.
 
 ``run_job`` is called in every rank after the process group is up (``launch`` does that;
-``run_job_launched`` is the one-call version). It is restartable: with ``resume=True`` it
-continues from ``output_dir/checkpoints`` exactly where the last checkpoint left off.
-
-Output directory::
-
-    checkpoints/ckpt_0000500.pt, checkpoints/last   resumable state
-    train_log.jsonl                                  reported training metrics (rank 0)
-    export/model.safetensors, export/metadata.json   the student (completed runs)
-    metrics.json                                     final evaluation (completed runs)
+``run_job_launched`` is the one-call version, used by the CLI and the worker). It is restartable:
+with ``resume=True`` it continues from ``output_dir/checkpoints`` exactly where the last
+checkpoint left off. The output directory is laid out as ``gid_core.jobdir`` describes:
+checkpoints, ``train_log.jsonl`` (rank 0), and for completed runs ``export/`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -29,46 +24,71 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import Checkpointer, seed_everything
-from .fileio import atomic_write
-from .config import EvalConfig, Hyperparameters, JobConfig, ModelConfig
-from .data import CocoDetectionDataset, collate_detection
+from .config import (
+    EvalConfig,
+    Hyperparameters,
+    JobConfig,
+    ModelConfig,
+    batch_split_problems,
+    class_problems,
+    dataset_class_problems,
+)
+from .data import (
+    CocoDetectionDataset,
+    DatasetValidationError,
+    collate_detection,
+    label_order,
+    validate_coco_dataset,
+)
+from .errors import Loc, Problem, ProblemsError
 from .export import export_student
-from .hooks import CheckpointHook, EvalHook, HookBase, MetricsHook, log_metrics
+from .fileio import atomic_write, write_json_atomic
+from .hooks import CancelHook, CheckpointHook, EvalHook, LRSchedulerHook, MetricsHook, log_metrics
+from .jobdir import JobDir
 from .launch import barrier, default_device, get_rank, get_world_size, launch
 from .sampler import ResumableLoader, ResumableSampler
-from .trainer import Trainer, build_lr_scheduler, build_optimizer
+from .trainer import HookBase, Trainer, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
 
 HookFactory = Callable[[int], Iterable[HookBase]]
 
 
-class JobSetupError(ValueError):
+class JobSetupError(ProblemsError):
     """The job cannot start as configured (data and model disagree, a checkpoint of another
-    model is in the way): a user error, reported without a traceback by the CLI."""
+    model is in the way): a user error, reported without a traceback by the CLI. Each problem's
+    loc is a location in the ``JobConfig`` (``EvalConfig`` for an evaluation)."""
+
+    summary = "cannot start"
 
 
-def check_dataset(annotations: Any, images: Any, num_classes: int, field: str) -> None:
-    """Raises ``DatasetValidationError`` listing every problem of the dataset, or
-    ``JobSetupError`` when its category count is not ``num_classes``."""
-    from .data import DatasetValidationError, validate_coco_dataset
+def _raise_setup_problems(problems: list[Problem]) -> None:
+    if problems:
+        raise JobSetupError(problems)
 
+
+def _validated_categories(annotations: Any, images: Any) -> list[dict]:
+    """The dataset's categories in label order; ``DatasetValidationError`` lists every problem."""
     data, problems = validate_coco_dataset(annotations, images)
     if problems:
         raise DatasetValidationError(problems, annotations)
-    if len(data["categories"]) != num_classes:
-        raise JobSetupError(
-            f"{field} ({num_classes}) != the {len(data['categories'])} categories of {annotations}"
-        )
+    return label_order(data["categories"])
+
+
+def check_dataset(annotations: Any, images: Any, num_classes: int, *, loc: Loc) -> None:
+    """Raises ``DatasetValidationError`` listing every problem of the dataset, or
+    ``JobSetupError`` when its categories do not fit ``num_classes`` (the field at ``loc``)."""
+    categories = _validated_categories(annotations, images)
+    _raise_setup_problems(dataset_class_problems(num_classes, categories, loc=loc, dataset=str(annotations)))
 
 
 def check_job_inputs(job: JobConfig) -> None:
     """The dataset checks ``run_job`` makes, without building anything."""
-    check_dataset(job.data.train_annotations, job.data.train_images, job.student.num_classes,
-                  "student.num_classes")
+    train = _validated_categories(job.data.train_annotations, job.data.train_images)
+    val = None
     if job.data.val_annotations is not None:
-        check_dataset(job.data.val_annotations, job.data.val_images, job.student.num_classes,
-                      "student.num_classes")
+        val = _validated_categories(job.data.val_annotations, job.data.val_images)
+    _raise_setup_problems(class_problems(job.student.num_classes, train_categories=train, val_categories=val))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -158,10 +178,6 @@ def _jsonl_writer(path: Path) -> Callable[[int, dict[str, float]], None]:
     return write
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode()))
-
-
 class JobInfoHook(HookBase):
     """Records the job's model settings in checkpoints and refuses to resume a different model."""
 
@@ -181,10 +197,11 @@ class JobInfoHook(HookBase):
         saved = state.get("job", {})
         for key in self.KEYS:
             if key in saved and saved[key] != self.info[key]:
-                raise JobSetupError(
+                raise JobSetupError([Problem(
+                    (key,),
                     f"cannot resume: the checkpoint's {key} ({saved[key]}) differs from the job's "
-                    f"({self.info[key]}); use another output directory or resume=False"
-                )
+                    f"({self.info[key]}); use another output directory or resume=False",
+                )])
 
 
 # --------------------------------------------------------------------------- the job
@@ -199,12 +216,9 @@ def load_job_datasets(job: JobConfig) -> tuple[CocoDetectionDataset, CocoDetecti
     if job.data.val_annotations is not None:
         val_ds = CocoDetectionDataset(job.data.val_annotations, job.data.val_images, train=False,
                                       min_size=s.min_size, max_size=s.max_size)
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        if ds is not None and ds.num_classes != s.num_classes:
-            raise JobSetupError(f"student.num_classes ({s.num_classes}) != the {ds.num_classes} "
-                                f"categories of the {name} set {ds.annotations_path}")
-    if val_ds is not None and val_ds.categories != train_ds.categories:
-        raise JobSetupError("the val set's categories (ids and names) differ from the train set's")
+    val_categories = val_ds.categories if val_ds is not None else None
+    _raise_setup_problems(class_problems(s.num_classes, train_categories=train_ds.categories,
+                                         val_categories=val_categories))
     return train_ds, val_ds
 
 
@@ -223,8 +237,7 @@ def _resolve_ranks(rank: int | None, world_size: int | None, batch_size: int) ->
     if (rank, world_size) != (get_rank(), get_world_size()):
         raise ValueError(f"rank/world_size {rank}/{world_size} do not match the process group "
                          f"({get_rank()}/{get_world_size()})")
-    if batch_size % world_size:
-        raise JobSetupError(f"hyperparameters.batch_size ({batch_size}) must be divisible by {world_size} ranks")
+    _raise_setup_problems(batch_split_problems(batch_size, world_size))
     return rank, world_size
 
 
@@ -239,11 +252,12 @@ def run_job(
 ) -> dict[str, Any]:
     """Trains (or distils) ``job`` in this rank. Returns ``{"status": "completed" | "cancelled",
     "metrics": final evaluation (rank 0; {} elsewhere or without a val set), "export_dir": str or
-    None (cancelled), "iterations": completed iterations}``."""
+    None (cancelled), "iterations": completed iterations, "start_iteration": 0 or the iteration of
+    the checkpoint it resumed from}``. ``hooks`` run after the engine's own."""
     hp = job.hyperparameters
     rank, world_size = _resolve_ranks(rank, world_size, hp.batch_size)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = JobDir(output_dir)
+    job_dir.root.mkdir(parents=True, exist_ok=True)
     device = default_device()
     train_ds, val_ds = load_job_datasets(job)
 
@@ -262,28 +276,51 @@ def run_job(
                                        num_workers=hp.num_workers, rank=rank, world_size=world_size, device=device)
         evaluate = functools.partial(_evaluate, student, val_loader, val_ds, device)
 
-    checkpointer = Checkpointer(output_dir / "checkpoints", keep=hp.keep_checkpoints)
-    all_hooks: list[HookBase] = [JobInfoHook(job), CheckpointHook(checkpointer, hp.checkpoint_period)]
-    if evaluate is not None and hp.eval_period:
-        all_hooks.append(EvalHook(evaluate, hp.eval_period, eval_at_end=False))  # final eval below
-    all_hooks.append(MetricsHook(_jsonl_writer(output_dir / "train_log.jsonl"), hp.log_period))
-    all_hooks.extend(hooks)
+    checkpointer = Checkpointer(job_dir.checkpoints, keep=hp.keep_checkpoints)
     trainer = Trainer(
         wrap_ddp(model, device) if world_size > 1 else model, optimizer, data, max_iters=hp.max_iters,
-        scheduler=scheduler, device=device, amp=hp.amp, grad_clip=hp.grad_clip, hooks=all_hooks,
+        device=device, amp=hp.amp, grad_clip=hp.grad_clip,
+        hooks=_job_hooks(job, scheduler, checkpointer, evaluate, job_dir, hooks, world_size),
     )
     state = checkpointer.load_latest() if resume else None
     if state is not None:
         trainer.load_state_dict(state)
-        logger.info("resumed from iteration %d", trainer.iter)
+        logger.info("resumed from checkpoint at iteration %d", trainer.iter)
         if rank == 0:
-            _truncate_log(output_dir / "train_log.jsonl", trainer.iter)
+            _truncate_log(job_dir.train_log, trainer.iter)
     del state  # the checkpoint's tensors: not kept through training
+    start_iteration = trainer.start_iter
     try:
         status = trainer.train()
     finally:
         data.close()
-    return _finish_job(job, status, trainer.iter, student, train_ds.categories, evaluate, output_dir, rank)
+    result = {"status": status, "metrics": {}, "export_dir": None, "iterations": trainer.iter,
+              "start_iteration": start_iteration}
+    if status == "completed":
+        result["metrics"], result["export_dir"] = _finish_job(
+            job, student, train_ds.categories, evaluate, job_dir, rank)
+    return result
+
+
+def _job_hooks(
+    job: JobConfig, scheduler: torch.optim.lr_scheduler.LRScheduler, checkpointer: Checkpointer,
+    evaluate: Callable[[], dict[str, Any]] | None, job_dir: JobDir, extra: Iterable[HookBase], world_size: int,
+) -> list[HookBase]:
+    """The engine's hooks, then ``extra``, then a ``CancelHook`` when distributed and none is
+    among them (stop requests must be agreed on: every rank stops after the same iteration)."""
+    hp = job.hyperparameters
+    hooks: list[HookBase] = [
+        JobInfoHook(job),  # first: refuses another model's checkpoint before any state is loaded
+        LRSchedulerHook(scheduler),  # before CheckpointHook: a checkpoint holds the stepped scheduler
+        CheckpointHook(checkpointer, hp.checkpoint_period),
+    ]
+    if evaluate is not None and hp.eval_period:
+        hooks.append(EvalHook(evaluate, hp.eval_period, eval_at_end=False))  # the final one: _finish_job
+    hooks.append(MetricsHook(_jsonl_writer(job_dir.train_log), hp.log_period))
+    hooks.extend(extra)
+    if world_size > 1 and not any(isinstance(h, CancelHook) for h in hooks):
+        hooks.append(CancelHook())
+    return hooks
 
 
 def _evaluate(student: nn.Module, loader: DataLoader, dataset: CocoDetectionDataset,
@@ -294,20 +331,18 @@ def _evaluate(student: nn.Module, loader: DataLoader, dataset: CocoDetectionData
 
 
 def _finish_job(
-    job: JobConfig, status: str, iterations: int, student: nn.Module, categories: list[dict],
-    evaluate: Callable[[], dict[str, Any]] | None, output_dir: Path, rank: int,
-) -> dict[str, Any]:
-    """After a completed run: final evaluation on every rank; rank 0 exports and writes metrics."""
-    if status != "completed":
-        return {"status": status, "metrics": {}, "export_dir": None, "iterations": iterations}
+    job: JobConfig, student: nn.Module, categories: list[dict], evaluate: Callable[[], dict[str, Any]] | None,
+    job_dir: JobDir, rank: int,
+) -> tuple[dict[str, Any], str]:
+    """After a completed run: final evaluation on every rank; rank 0 exports and writes metrics.
+    Returns the metrics and the export folder."""
     metrics = evaluate() if evaluate is not None else {}
-    export_dir = output_dir / "export"
     if rank == 0:
-        export_student(student, job.student, export_dir, categories=categories,
+        export_student(student, job.student, job_dir.export, categories=categories,
                        training_config=job.model_dump(mode="json"), metrics=metrics)
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json_atomic(job_dir.metrics, metrics)
     barrier()  # the export exists for every rank that returns its path
-    return {"status": status, "metrics": metrics, "export_dir": str(export_dir), "iterations": iterations}
+    return metrics, str(job_dir.export)
 
 
 def _launched_job(
@@ -316,7 +351,7 @@ def _launched_job(
 ) -> dict[str, Any]:
     if not logging.getLogger().handlers:  # a spawned child starts without logging config
         logging.basicConfig(level=log_level if rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+                            format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     hooks = list(hook_factory(rank)) if hook_factory is not None else []
     return run_job(job, output_dir=output_dir, hooks=hooks, resume=resume, rank=rank, world_size=world_size)
 
@@ -328,9 +363,12 @@ def run_job_launched(
     *,
     resume: bool = True,
 ) -> dict[str, Any]:
-    """``run_job`` on ``job.devices`` processes; returns rank 0's result. ``hook_factory(rank)``
-    builds each process's extra hooks and must be picklable (a top-level function or a
-    ``functools.partial`` of one)."""
+    """``run_job`` on ``job.devices`` processes; returns rank 0's result.
+
+    ``hook_factory(rank)`` builds each rank's extra hooks in that rank's process (so it may open
+    per-rank resources, such as rank 0's database link) and must be picklable (a top-level
+    function or a ``functools.partial`` of one). Spawned ranks log to stderr, rank 0 at the
+    caller's level and the others at WARNING; a single rank runs in the calling process."""
     return launch(
         _launched_job, job.devices, job, str(output_dir), hook_factory, resume,
         logging.getLogger().getEffectiveLevel(),
@@ -346,7 +384,7 @@ def load_model_for_eval(cfg: ModelConfig) -> nn.Module:
     from .models import build_detector, load_state_dict_checked
 
     if cfg.weights is None:
-        raise JobSetupError("model.weights: evaluation needs trained weights")
+        raise JobSetupError([Problem(("model", "weights"), "evaluation needs trained weights", "missing")])
     path = Path(cfg.weights)
     if path.is_dir():
         from .export import load_export
@@ -375,11 +413,9 @@ def run_evaluation(cfg: EvalConfig, *, rank: int | None = None, world_size: int 
     dataset = CocoDetectionDataset(
         cfg.annotations, cfg.images, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size
     )
-    if dataset.num_classes != cfg.model.num_classes:
-        raise JobSetupError(
-            f"model.num_classes ({cfg.model.num_classes}) != the {dataset.num_classes} categories of "
-            f"{cfg.annotations}"
-        )
+    _raise_setup_problems(dataset_class_problems(
+        cfg.model.num_classes, dataset.categories, loc=("model", "num_classes"), dataset=str(cfg.annotations)
+    ))
     model = load_model_for_eval(cfg.model).to(device).eval()
     loader = build_eval_loader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank,

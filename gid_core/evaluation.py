@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gid_core.data import rescale_boxes
+from gid_core.launch import get_rank, get_world_size
 
 __all__ = ["METRIC_KEYS", "coco_bbox_metrics", "evaluate_coco", "summarize_metrics"]
 
@@ -77,11 +78,11 @@ def _gather(results: dict[int, list[dict]]) -> dict[int, list[dict]] | None:
     A DistributedSampler pads the last round with repeated images; keeping the first copy of each
     image id stops those repeats from counting as duplicate (false positive) detections.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return results
-    gathered: list[Any] = [None] * dist.get_world_size()
+    gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, results)
-    if dist.get_rank() != 0:
+    if get_rank() != 0:
         return None
     merged: dict[int, list[dict]] = {}
     for part in gathered:

@@ -15,7 +15,6 @@ renamed to ``out_dir``: readers see the old export or the new one, never a mix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,20 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fileio import current_umask, fsync_path
 from .config import ModelConfig
+from .fileio import current_umask, fsync_path, sha256_file
+from .jobdir import EXPORT_METADATA, EXPORT_WEIGHTS
 
 FORMAT = "gid-export/1"
-WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "metadata.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torchvision_class(model: nn.Module) -> str:
@@ -75,7 +65,7 @@ def export_student(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from readers
-        weights = tmp / WEIGHTS_FILE
+        weights = tmp / EXPORT_WEIGHTS
         save_file(tensors, str(weights), metadata={"format": FORMAT})
         weights.chmod(0o666 & ~current_umask())
         fsync_path(weights)
@@ -89,7 +79,7 @@ def export_student(
             "metrics": dict(metrics),
             "sha256": sha256_file(weights),
         }
-        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
+        with open(tmp / EXPORT_METADATA, "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
@@ -114,9 +104,9 @@ def _swap_in(new: Path, target: Path) -> None:
 
 
 def read_metadata(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(out_dir) / METADATA_FILE
+    path = Path(out_dir) / EXPORT_METADATA
     if not path.is_file():
-        raise FileNotFoundError(f"not an export folder (no {METADATA_FILE}): {out_dir}")
+        raise FileNotFoundError(f"not an export folder (no {EXPORT_METADATA}): {out_dir}")
     metadata = json.loads(path.read_text(encoding="utf-8"))
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported export format {metadata.get('format')!r}")
@@ -134,7 +124,7 @@ def load_export(
 
     out_dir = Path(out_dir)
     metadata = read_metadata(out_dir)
-    weights = out_dir / WEIGHTS_FILE
+    weights = out_dir / EXPORT_WEIGHTS
     digest = sha256_file(weights)
     if digest != metadata["sha256"]:
         raise ValueError(f"{weights}: sha256 {digest} does not match metadata {metadata['sha256']}")

@@ -1,12 +1,18 @@
-"""Crash-safe file writes: temp file beside the target, fsync, rename, fsync the directory.
+"""File helpers of every layer: crash-safe writes, JSON results, hashes, log tails.
 
-Readers see either the old file or the complete new one, never a half-written file.
+Writes go to a temp file beside the target, which is fsynced and renamed over it, and the directory
+is fsynced: readers see either the old file or the complete new one, never a half-written file.
+Nothing here imports torch (the worker's supervisor stays light).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +32,15 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Any, *, binary: bool = True) -> None:
-    """Calls ``write(file)`` on a temp file beside ``path``, fsyncs it and renames it to ``path``."""
+def atomic_write(path: Path, write: Any, *, binary: bool = True, mode: int | None = None) -> None:
+    """Calls ``write(file)`` on a temp file beside ``path``, fsyncs it and renames it to ``path``.
+    ``mode``: the file's permissions (default: 0666 less the umask); a secret passes 0o600, which
+    the file has from its creation on."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is for secrets; these are not
+        if mode != 0o600:
+            os.fchmod(fd, 0o666 & ~current_umask() if mode is None else mode)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -50,8 +59,73 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:
     """``text`` as UTF-8, all or nothing; creates missing parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data), mode=mode)
+
+
+def finite_only(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (JSON has no NaN; databases differ on it),
+    tuples as lists, dict keys as strings and numpy / torch scalars as Python numbers."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v) for v in value]
+    if hasattr(value, "item"):
+        return finite_only(value.item())
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """``data`` as indented JSON with sorted keys, all or nothing; creates missing parent folders.
+    Non-finite floats are written as null, paths as strings; anything else not JSON raises
+    ``TypeError`` and leaves an existing file untouched."""
+    text = json.dumps(finite_only(data), indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any | None:
+    """The JSON in ``path``, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tail_lines(path: str | os.PathLike[str], n: int = 30, max_bytes: int = 256 * 1024) -> str:
+    """The last ``n`` lines of a text file (reading at most its last ``max_bytes``); "" if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = data.splitlines()
+    if start > 0 and lines:
+        lines = lines[1:]  # began mid-line
+    return "\n".join(deque(lines, maxlen=n))

@@ -1,14 +1,17 @@
 """Training hooks: everything the loop does besides the optimisation step.
 
-Hooks run on every rank, in registration order, and see ``trainer.iter`` as the number of completed
-iterations (``before_step`` of the first step sees 0, ``after_step`` of it sees 1). A hook that
-performs a collective (metric reduction, checkpoint RNG gathering, evaluation, the cancel
-decision) does so at the same iteration on every rank because periods are the same everywhere;
-rank-0-only work (callbacks, file writes) happens inside.
+Hooks subclass ``gid_core.trainer.HookBase``. They run on every rank, in registration order, and
+see ``trainer.iter`` as the number of completed iterations (``before_step`` of the first step sees
+0, ``after_step`` of it sees 1). A hook that performs a collective (metric reduction, checkpoint
+RNG gathering, evaluation, the cancel decision) does so at the same iteration on every rank
+because periods are the same everywhere; rank-0-only work (callbacks, file writes) happens inside.
 
-A hook or callback may raise ``TrainingCancelled``: the trainer turns it into a stop request.
-Stop requests are agreed upon across ranks by ``CancelHook`` (the trainer adds one when it runs
-distributed), so every rank leaves the loop after the same iteration.
+A hook or callback may raise ``gid_core.trainer.TrainingCancelled``: the trainer turns it into a
+stop request. With several ranks, stop requests are agreed upon by ``CancelHook`` (the engine adds
+one), so every rank leaves the loop after the same iteration.
+
+Order matters where hooks share state: ``LRSchedulerHook`` goes before ``CheckpointHook`` so that
+a checkpoint holds the scheduler state of the iteration it saves.
 """
 
 from __future__ import annotations
@@ -16,45 +19,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer
+from .jobdir import checkpoint_filename
 from .launch import barrier, comm_device, get_world_size, is_main_process
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .trainer import HookBase, Trainer
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingCancelled(Exception):
-    """Raised by a hook or callback to stop training cleanly (the run ends as "cancelled")."""
-
-
-class HookBase:
-    """Base class of training hooks; ``trainer`` is set when the hook is registered."""
-
-    trainer: "Trainer"
-
-    def before_train(self) -> None: ...
-
-    def before_step(self) -> None: ...
-
-    def after_step(self) -> None: ...
-
-    def after_train(self) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def _due(trainer: "Trainer", period: int) -> bool:
+def _due(trainer: Trainer, period: int) -> bool:
     """True after iterations that are multiples of ``period`` and after the last iteration."""
     return trainer.iter % period == 0 or trainer.iter >= trainer.max_iters
 
@@ -130,6 +110,24 @@ def log_metrics(iteration: int, metrics: Mapping[str, float]) -> None:
     )
 
 
+class LRSchedulerHook(HookBase):
+    """Steps ``scheduler`` after every iteration; its state is part of the checkpoint."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+
+    def after_step(self) -> None:
+        with warnings.catch_warnings():  # an optimizer step skipped by the GradScaler is expected
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
 class CheckpointHook(HookBase):
     """Saves the trainer state every ``period`` iterations and when training ends (completed or
     cancelled). All ranks build the state (RNG states are gathered); rank 0 writes; all wait."""
@@ -148,7 +146,7 @@ class CheckpointHook(HookBase):
     def save(self) -> None:
         state = self.trainer.state_dict()
         if is_main_process():
-            self.checkpointer.save(f"ckpt_{self.trainer.iter:07d}", state)
+            self.checkpointer.save(checkpoint_filename(self.trainer.iter), state)
         barrier()
         self._last_saved = self.trainer.iter
 

@@ -3,8 +3,9 @@
 ``launch(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size`` processes
 (start method ``spawn``) joined by a process group on a free TCP port of 127.0.0.1: NCCL when CUDA
 has a GPU per process, gloo otherwise. An exception in any child stops all of them and is raised
-in the caller with the child's traceback. ``world_size == 1`` runs ``fn`` in the calling process
-without a process group unless a ``backend`` is asked for.
+in the caller with the child's traceback. Every child dies with the calling process
+(``PR_SET_PDEATHSIG``): a launcher that is killed leaves no orphaned rank behind. ``world_size == 1``
+runs ``fn`` in the calling process without a process group unless a ``backend`` is asked for.
 
 ``init_from_env()`` is the ``torchrun`` path: it reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing import ProcessRaisedException
+
+from .processes import die_with_parent, free_port
 
 _TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -83,13 +85,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- process setup
 
 
@@ -111,8 +106,13 @@ def _destroy() -> None:
 
 
 class LaunchError(ProcessRaisedException):
-    """A rank raised: the message is the traceback of the rank that failed *first* (a peer's
-    failure makes the other ranks fail too, with connection errors that hide the cause)."""
+    """A rank raised. Describes the rank that failed *first* (a peer's failure makes the other
+    ranks fail too, with connection errors that hide the cause): ``rank``, ``exc_type`` (the
+    exception's class name), ``exc_message`` (its ``str``); the message is that rank's traceback."""
+
+    def __init__(self, *, rank: int, exc_type: str, exc_message: str, traceback_text: str, error_pid: int) -> None:
+        super().__init__(f"\n\n-- rank {rank} failed first:\n{traceback_text}", rank, error_pid)
+        self.rank, self.exc_type, self.exc_message = rank, exc_type, exc_message
 
 
 def _child(
@@ -123,13 +123,16 @@ def _child(
     init_method: str,
     args: tuple[Any, ...],
     exchange: str,
+    launcher_pid: int,
 ) -> None:
+    die_with_parent(launcher_pid)
     try:
         _init_process(rank, world_size, backend, init_method, local_rank=rank)
         result = fn(rank, world_size, *args)
-    except BaseException:
+    except BaseException as exc:
         # Written synchronously before the exception unwinds: the parent may kill us right after.
-        record = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc()}
+        record = {"rank": rank, "time": time.time(), "traceback": traceback.format_exc(),
+                  "exc_type": type(exc).__name__, "exc_message": str(exc)}
         with open(os.path.join(exchange, f"error_{rank}.pkl"), "wb") as f:
             pickle.dump(record, f)
         raise
@@ -184,7 +187,7 @@ def launch(
         try:
             mp.start_processes(
                 _child,
-                args=(fn, world_size, backend, init_method, args, exchange),
+                args=(fn, world_size, backend, init_method, args, exchange, os.getpid()),
                 nprocs=world_size,
                 join=True,
                 start_method="spawn",
@@ -193,8 +196,8 @@ def launch(
             first = _first_error(exchange)
             if first is None:
                 raise
-            msg = f"\n\n-- rank {first['rank']} failed first:\n{first['traceback']}"
-            raise LaunchError(msg, first["rank"], e.error_pid) from e
+            raise LaunchError(rank=first["rank"], exc_type=first["exc_type"], exc_message=first["exc_message"],
+                              traceback_text=first["traceback"], error_pid=e.error_pid) from e
         with open(os.path.join(exchange, "result.pkl"), "rb") as f:
             return pickle.load(f)
 

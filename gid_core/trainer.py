@@ -1,14 +1,15 @@
 """The iteration-based training loop (detectron2 style: a short ``run_step``, the rest in hooks).
 
-``model(images, targets)`` in train mode returns a dict of named loss tensors (torchvision
-detectors and ``GIDDistiller`` do); the step minimises their sum. Mixed precision (autocast +
-GradScaler) is used only on CUDA. Scalars are accumulated on the device and reduced across ranks
-only when a ``MetricsHook`` reports, so a step adds no host synchronisation beyond the one
-non-finite-loss check.
+``HookBase`` lives here and the concrete hooks (``gid_core.hooks``) import it; the loop itself
+names no hook, and the LR schedule is a hook too. ``model(images, targets)`` in train mode returns
+a dict of named loss tensors (torchvision detectors and ``GIDDistiller`` do); the step minimises
+their sum. Mixed precision (autocast + GradScaler) is used only on CUDA. Scalars are accumulated
+on the device and reduced across ranks only when a ``MetricsHook`` reports, so a step adds no host
+synchronisation beyond the one non-finite-loss check.
 
-``trainer.iter`` counts completed iterations. ``Trainer.state_dict`` (model, optimizer,
-scheduler, scaler, iteration, per-rank RNG states, data position, hook states) is a collective
-when distributed (RNG states are gathered) and holds only weights_only-loadable values.
+``trainer.iter`` counts completed iterations. ``Trainer.state_dict`` (model, optimizer, scaler,
+iteration, per-rank RNG states, data position, hook states such as the LR scheduler's) is a
+collective when distributed (RNG states are gathered) and holds only weights_only-loadable values.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import bisect
 import logging
 import math
 import time
-import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import capture_rng_state, restore_rng_state
-from .hooks import CancelHook, HookBase, TrainingCancelled
 from .launch import comm_device, get_rank, get_world_size
 
 __all__ = [
@@ -41,6 +41,33 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingCancelled(Exception):
+    """Raised by a hook or callback to stop training cleanly (the run ends as "cancelled")."""
+
+
+class HookBase:
+    """Base class of training hooks.
+
+    ``trainer`` is a weak reference (``weakref.proxy``) to the trainer, set when the hook is
+    registered: the trainer owns its hooks, a hook does not keep its trainer alive.
+    """
+
+    trainer: "Trainer"
+
+    def before_train(self) -> None: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -138,7 +165,6 @@ class Trainer:
         data_loader: Iterable[Any],
         *,
         max_iters: int,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str,
         amp: bool = False,
         grad_clip: float | None = None,
@@ -148,7 +174,6 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.data_loader = data_loader
-        self.scheduler = scheduler
         self.max_iters = max_iters
         self.device = torch.device(device)
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -164,12 +189,11 @@ class Trainer:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.hooks: list[HookBase] = []
         self.register_hooks(hooks)
-        if get_world_size() > 1 and not any(isinstance(h, CancelHook) for h in self.hooks):
-            self.register_hooks([CancelHook(None, period=1)])  # agrees on stop requests
 
     def register_hooks(self, hooks: Iterable[HookBase]) -> None:
+        """Appends ``hooks``; they run in registration order."""
         for h in hooks:
-            h.trainer = self
+            h.trainer = weakref.proxy(self)
             self.hooks.append(h)
 
     @property
@@ -177,8 +201,9 @@ class Trainer:
         return int(getattr(self.data_loader, "epoch", self._epochs_done))
 
     def request_stop(self) -> None:
-        """Asks the loop to end after the current iteration. Alone it takes effect at once in a
-        single process; with several ranks a ``CancelHook`` agrees on it first."""
+        """Asks the loop to end after the current iteration. It takes effect at once in a single
+        process; with several ranks only once a hook has agreed on it across ranks and set
+        ``stop_agreed`` (every rank must leave the loop after the same iteration)."""
         self.stop_requested = True
 
     def _should_stop(self) -> bool:
@@ -239,10 +264,6 @@ class Trainer:
             tensors["grad_norm"] = nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.scheduler is not None:
-            with warnings.catch_warnings():  # a step skipped by the GradScaler is expected
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                self.scheduler.step()
 
         floats = {"data_time": data_time, "images_per_step": len(images)}
         stats = getattr(unwrap_model(self.model), "last_stats", None) or {}
@@ -280,8 +301,6 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
         }
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
         if hasattr(self.data_loader, "state_dict"):
             state["data"] = self.data_loader.state_dict()
         hooks = {k: h.state_dict() for k, h in zip(self._hook_keys(), self.hooks)}
@@ -289,15 +308,14 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # Hooks first: one may refuse the checkpoint before anything is overwritten.
+        # Hooks first, in registration order: a hook registered first may refuse the checkpoint
+        # before anything is overwritten.
         saved_hooks = state.get("hooks", {})
         for key, h in zip(self._hook_keys(), self.hooks):
             if key in saved_hooks:
                 h.load_state_dict(saved_hooks[key])
         unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
         if self.amp and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if "data" in state and hasattr(self.data_loader, "load_state_dict"):

@@ -88,8 +88,10 @@ def run(sizes: DemoSizes) -> None:
     from gid_core.export import load_export
     from gid_core.models import build_detector
     from gid_core.synthetic import make_synthetic_dataset
-    from service.cli import Client, wait_for_job
-    from service.embedded import EmbeddedStack, free_port
+    from gid.cli import follow_job
+    from gid.client import Client
+    from gid.embedded import EmbeddedStack
+    from gid_core.processes import free_port
 
     started = time.monotonic()
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
@@ -107,8 +109,8 @@ def run(sizes: DemoSizes) -> None:
         ))
         ids = {}
         for split in ("train", "val"):
-            ds = client.post("/v1/datasets", json={"name": f"digits-{split}", "annotations": data[f"{split}_annotations"],
-                                                   "images": data[f"{split}_images"]})
+            ds = client.register_dataset(name=f"digits-{split}", annotations=data[f"{split}_annotations"],
+                                         images=data[f"{split}_images"])
             ids[split] = ds["id"]
             print(f"dataset {ds['id']}: {ds['name']}, {ds['num_images']} images, {ds['num_annotations']} boxes")
 
@@ -118,13 +120,13 @@ def run(sizes: DemoSizes) -> None:
                     "resources": {"devices": sizes.devices}}
             if teacher:
                 body["teacher"] = {"model_id": teacher}
-            job = client.post("/v1/jobs", json=body)
+            job = client.submit_job(body)
             print(f"submitted {kind} job {job['id']} ({name})", flush=True)
             return job
 
         def follow(job: dict) -> dict:
-            ok = wait_for_job(client, job["id"]) == 0
-            job = client.get(f"/v1/jobs/{job['id']}")
+            ok = follow_job(client, job["id"]) == 0
+            job = client.get_job(job["id"])
             if not ok:
                 raise RuntimeError(f"job {job['name']} {job['status']}: {job['error']}")
             return job
@@ -206,9 +208,9 @@ def main() -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one readable line for the user, the stack is already stopped
-        from service.cli import CliError
+        from gid.client import ClientError
 
-        print(f"demo failed: {e}" if isinstance(e, CliError) else f"demo failed: {type(e).__name__}: {e}",
+        print(f"demo failed: {e}" if isinstance(e, ClientError) else f"demo failed: {type(e).__name__}: {e}",
               file=sys.stderr)
         return 1
     return 0

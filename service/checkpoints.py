@@ -17,12 +17,13 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from gid_core.config import ModelConfig
+from gid_core.fileio import fsync_path
 from service import crud
 from service.core.config import Settings
 from service.errors import FieldErrors, field_error
 from service.models import Model, new_id
 from service.schemas import ModelSpec
-from service.storage import Storage, copy_fileobj, fsync_dir
+from service.storage import Storage, copy_fileobj
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 MAX_REPORTED_KEYS = 10
@@ -118,7 +119,7 @@ def register_upload(
         cfg = spec.to_model_config()
         check_checkpoint(staged.path, cfg)
         os.replace(staged.path, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         staged.path.unlink(missing_ok=True)
         raise

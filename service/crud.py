@@ -1,38 +1,11 @@
-"""Every database operation of the service. Functions take the session first and keywords after.
+"""The API side of the database: owners and tokens, datasets and models, jobs as users see them.
 
-Each function is one unit of work: it commits its own transaction (or rolls back and raises).
-Job status changes are conditional ``UPDATE jobs SET ... WHERE id = :id AND status IN (...)``
-statements, never read-modify-write, so concurrent workers and API processes cannot both win; the
-allowed source statuses come from ``service.models.TRANSITIONS``.
-
-Worker API (called by ``worker/``; ``worker_id`` is any string unique to one worker process)::
-
-    claim_job(session, *, job_id, worker_id, lease_seconds, max_attempts=None) -> Job | None
-        Take the lease of a queued job, or of a running job whose lease has expired (its worker was
-        lost). Sets status running, lease_owner, lease_expires_at, heartbeat_at, started_at (first
-        time only), attempts += 1. None when the job is not claimable: it is terminal, cancelled,
-        or running under a live lease (a redelivered message: drop it).
-    renew_lease(session, *, job_id, worker_id, lease_seconds) -> LeaseState(alive, cancel_requested)
-        Heartbeat. alive=False means the lease was lost (requeued or finished elsewhere): stop
-        training without finishing the job. cancel_requested=True means the user asked to cancel:
-        stop and call finish_job(status="cancelled").
-    update_progress(session, *, job_id, worker_id, progress, latest_metrics=None) -> bool
-    add_metric_points(session, *, job_id, points: list[tuple[name, step, value]]) -> int
-        One executemany INSERT per call (call it once per log period); non-finite values are
-        skipped (JSON and SQLite cannot carry NaN); returns the number stored.
-    add_artifact(session, *, job_id, name, path, size, sha256) -> Artifact   (replaces same name)
-    create_model(session, *, owner_id, name, config, categories, path, sha256, size,
-                 source_job_id=None) -> Model
-    finish_job(session, *, job_id, worker_id, status, error=None, final_metrics=None,
-               output_model_id=None) -> bool
-        status is succeeded | failed | cancelled; only while worker_id holds the lease; releases it.
-    requeue_or_fail_stale_jobs(session, *, now=None, max_attempts) -> (requeued_ids, failed_ids)
-        Running jobs whose lease expired: back to queued while attempts < max_attempts, otherwise
-        failed with "worker lost N times". A job whose cancel was requested is cancelled instead
-        (in neither list).
-    list_queued_job_ids(session, *, older_than_seconds) -> list[str]
-        Jobs queued (or requeued) at least that long ago: re-enqueue them (lost broker messages).
-    get_job(session, *, job_id) -> Job | None
+Functions take the session first and keywords after; each is one unit of work that commits its own
+transaction (or rolls back and raises). Job status changes are conditional
+``UPDATE jobs SET ... WHERE id = :id AND status IN (...)`` statements (``set_job_status``), never
+read-modify-write, so concurrent API processes and workers cannot both win; the allowed source
+statuses come from ``service.models.TRANSITIONS``. The worker's side, the lease protocol, is
+``service.leases``.
 """
 
 from __future__ import annotations
@@ -42,30 +15,15 @@ import hmac
 import math
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
-from service.models import (
-    TERMINAL_STATUSES,
-    ApiToken,
-    Artifact,
-    Dataset,
-    Job,
-    JobStatus,
-    MetricPoint,
-    Model,
-    Owner,
-    allowed_sources,
-    check_transition,
-    new_id,
-    utcnow,
-)
+from service.models import ApiToken, Artifact, Dataset, Job, MetricPoint, Model, Owner, allowed_sources, new_id, utcnow
+from service.status import TERMINAL_STATUSES, JobStatus
 
 TOKEN_PREFIX = "gid_"
 
@@ -266,7 +224,8 @@ def cancel_job(session: Session, *, owner_id: str, job_id: str) -> Job:
     get_owned_job(session, owner_id=owner_id, job_id=job_id)
     for _ in range(3):  # the job may start between the two conditional updates: look again
         now = utcnow()
-        if _set_status(session, job_id, JobStatus.CANCELLED, Job.status == JobStatus.QUEUED.value, finished_at=now):
+        queued = (Job.status == JobStatus.QUEUED.value,)
+        if set_job_status(session, job_id=job_id, status=JobStatus.CANCELLED, where=queued, finished_at=now):
             break
         requested = session.execute(
             update(Job)
@@ -284,19 +243,28 @@ def cancel_job(session: Session, *, owner_id: str, job_id: str) -> Job:
     return get_owned_job(session, owner_id=owner_id, job_id=job_id)
 
 
-def _set_status(session: Session, job_id: str, target: JobStatus, *where: ColumnElement[bool], **values) -> bool:
-    """Conditional status change (no commit): only from the statuses the state machine allows."""
+def set_job_status(
+    session: Session,
+    *,
+    job_id: str,
+    status: JobStatus,
+    where: Iterable[ColumnElement[bool]] = (),
+    **values: Any,
+) -> bool:
+    """Move the job to ``status`` and set ``values``, only from the statuses the state machine allows
+    and only where the extra ``where`` conditions hold; True if it moved. No commit: it is one
+    statement of the caller's unit of work."""
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(allowed_sources(target)), *where)
-        .values(status=target.value, updated_at=values.pop("updated_at", utcnow()), **values)
+        .where(Job.id == job_id, Job.status.in_(allowed_sources(status)), *where)
+        .values(status=status.value, updated_at=values.pop("updated_at", utcnow()), **values)
         .execution_options(synchronize_session=False)
     )
     return session.execute(stmt).rowcount == 1
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics and artifacts
+# Metrics and artifacts (the worker records them through service.leases)
 
 
 def get_metrics(
@@ -357,182 +325,3 @@ def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact:
     if artifact is None:
         raise NotFound("artifact", name)
     return artifact
-
-
-# --------------------------------------------------------------------------------------------
-# Jobs: worker side (see the module docstring)
-
-
-@dataclass(frozen=True)
-class LeaseState:
-    alive: bool
-    cancel_requested: bool
-
-
-def get_job(session: Session, *, job_id: str) -> Job | None:
-    job = session.get(Job, job_id, populate_existing=True)
-    session.commit()  # end the read transaction; the row stays loaded (expire_on_commit=False)
-    return job
-
-
-def claim_job(
-    session: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int | None = None
-) -> Job | None:
-    now = utcnow()
-    takeover = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
-    where = [Job.id == job_id, or_(Job.status == JobStatus.QUEUED.value, takeover), Job.cancel_requested.is_(False)]
-    if max_attempts is not None:
-        where.append(Job.attempts < max_attempts)
-    claimed = session.execute(
-        update(Job)
-        .where(*where)
-        .values(
-            status=JobStatus.RUNNING.value,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            heartbeat_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-            attempts=Job.attempts + 1,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if claimed.rowcount != 1:
-        session.rollback()
-        return None
-    job = session.get(Job, job_id, populate_existing=True)
-    session.commit()
-    return job
-
-
-def renew_lease(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
-    now = utcnow()
-    renewed = session.execute(
-        update(Job)
-        .where(*_held_by(job_id, worker_id))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    session.commit()
-    return LeaseState(alive=renewed.rowcount == 1, cancel_requested=bool(cancel))
-
-
-def update_progress(
-    session: Session,
-    *,
-    job_id: str,
-    worker_id: str,
-    progress: dict[str, Any],
-    latest_metrics: dict[str, Any] | None = None,
-) -> bool:
-    """Record progress (and the newest metric values) while ``worker_id`` holds the lease."""
-    values: dict[str, Any] = {"progress": json_safe(progress), "updated_at": utcnow()}
-    if latest_metrics is not None:
-        values["latest_metrics"] = json_safe(latest_metrics)
-    result = session.execute(
-        update(Job).where(*_held_by(job_id, worker_id)).values(**values).execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return result.rowcount == 1
-
-
-def add_metric_points(session: Session, *, job_id: str, points: Iterable[tuple[str, int, float]]) -> int:
-    rows = [
-        {"job_id": job_id, "name": str(name), "step": int(step), "value": float(value)}
-        for name, step, value in points
-        if math.isfinite(float(value))
-    ]
-    if rows:
-        session.execute(insert(MetricPoint), rows)  # a list of parameter sets: one executemany
-        session.commit()
-    return len(rows)
-
-
-def add_artifact(session: Session, *, job_id: str, name: str, path: str, size: int, sha256: str) -> Artifact:
-    """Record an output file of the job (a retried attempt replaces its earlier record)."""
-    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
-    artifact = Artifact(job_id=job_id, name=name, path=str(path), size=int(size), sha256=sha256)
-    session.add(artifact)
-    session.commit()
-    return artifact
-
-
-def finish_job(
-    session: Session,
-    *,
-    job_id: str,
-    worker_id: str,
-    status: str,
-    error: str | None = None,
-    final_metrics: dict[str, Any] | None = None,
-    output_model_id: str | None = None,
-) -> bool:
-    target = JobStatus(status)
-    if target not in TERMINAL_STATUSES:
-        raise ValueError(f"finish_job: status must be one of {sorted(TERMINAL_STATUSES)}, got {status!r}")
-    check_transition(JobStatus.RUNNING, target)
-    now = utcnow()
-    done = _set_status(
-        session, job_id, target, *_held_by(job_id, worker_id)[1:],
-        error=error, final_metrics=json_safe(final_metrics), output_model_id=output_model_id,
-        finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now,
-    )
-    session.commit()
-    return done
-
-
-def requeue_or_fail_stale_jobs(
-    session: Session, *, now: datetime | None = None, max_attempts: int
-) -> tuple[list[str], list[str]]:
-    now = now or utcnow()
-    stale = session.execute(
-        select(Job.id, Job.attempts, Job.lease_owner, Job.cancel_requested).where(
-            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now
-        )
-    ).all()
-    requeued: list[str] = []
-    failed: list[str] = []
-    for job_id, attempts, lease_owner, cancel_requested in stale:
-        # Guard on what was read: a worker renewing or re-claiming meanwhile makes this a no-op.
-        unchanged = (Job.lease_owner == lease_owner, Job.attempts == attempts, Job.lease_expires_at < now)
-        release = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
-        if cancel_requested:
-            _set_status(session, job_id, JobStatus.CANCELLED, *unchanged, finished_at=now, **release)
-        elif attempts < max_attempts:
-            if _set_status(session, job_id, JobStatus.QUEUED, *unchanged, **release):
-                requeued.append(job_id)
-        elif _set_status(
-            session, job_id, JobStatus.FAILED, *unchanged, finished_at=now,
-            error=f"worker lost {attempts} times", **release,
-        ):
-            failed.append(job_id)
-        session.commit()
-    session.commit()  # ends the read transaction when nothing was stale
-    return requeued, failed
-
-
-def list_queued_job_ids(session: Session, *, older_than_seconds: float) -> list[str]:
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-    ids = session.scalars(
-        select(Job.id)
-        .where(Job.status == JobStatus.QUEUED.value, Job.updated_at <= cutoff)
-        .order_by(Job.created_at)
-    ).all()
-    session.commit()
-    return list(ids)
-
-
-def _held_by(job_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
-    return (Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == worker_id)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None (JSON has no NaN; PostgreSQL refuses it)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

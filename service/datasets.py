@@ -8,22 +8,26 @@ again if the row cannot be inserted.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from gid_core.data import validate_coco_dataset
+from gid_core.data import ANNOTATIONS_LOC, DATASET_LOC, IMAGES_LOC, label_order, validate_coco_dataset
+from gid_core.errors import Loc
 from service import crud
 from service.core.config import Settings
 from service.errors import FieldErrors, field_error
 from service.models import Dataset, new_id
 from service.storage import Storage, UnsafeArchive, copy_fileobj, extract_zip
 
-# Problems about image files rather than the annotation JSON (reported on the "images" field).
-_IMAGE_PROBLEM = re.compile(r"images folder |: file '.*' not found|cannot read image '|but '.*' is \d+x\d+")
+# Where a dataset problem is (gid_core.data) -> the request field it is reported on.
+DATASET_PROBLEM_FIELDS: dict[Loc, list[str]] = {
+    ANNOTATIONS_LOC: ["body", "annotations"],
+    IMAGES_LOC: ["body", "images"],
+    DATASET_LOC: ["body"],
+}
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,12 @@ def validate_dataset(annotations: Path, images: Path, *, hide_prefix: Path | Non
     if problems:
         errors = []
         for problem in problems:
+            message = problem.message
             if hide_prefix is not None:  # staging paths mean nothing to the client
-                problem = problem.replace(f"{hide_prefix}/", "").replace(str(hide_prefix), "<upload>")
-            field = "images" if _IMAGE_PROBLEM.search(problem) else "annotations"
-            errors.append(field_error(["body", field], problem, "invalid_dataset"))
+                message = message.replace(f"{hide_prefix}/", "").replace(str(hide_prefix), "<upload>")
+            errors.append(field_error(DATASET_PROBLEM_FIELDS[problem.loc], message, problem.code))
         raise FieldErrors(errors)
-    categories = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    categories = [c["name"] for c in label_order(data["categories"])]
     return DatasetSummary(len(data["images"]), len(data["annotations"]), categories)
 
 

@@ -3,24 +3,34 @@ engine's ``JobConfig``, and insert the job once (``Idempotency-Key``).
 
 Every problem is reported at once with the request field it concerns, e.g.
 ``["body", "teacher", "model_id"]``: ids that do not resolve (422, not 404: the URL was fine, a
-field of the body was not), class counts that disagree between teacher, student and dataset, a
-teacher of another arch, a batch that does not split across the devices, too many devices. Then the
-engine's own ``JobConfig`` validation runs on the resolved config and its errors are mapped back to
-request fields, so the engine can never reject a job the API accepted.
+field of the body was not), an init model that does not fit the student, too many devices, and
+whatever the engine's own cross-field rules (``gid_core.config``: the teacher, the class counts of
+teacher, student and datasets, the batch split) find on the resolved inputs. Then the engine's
+``JobConfig`` validation runs on the resolved config, so the engine can never reject a job the API
+accepted. Engine problems are located in ``JobConfig``; ``REQUEST_FIELDS`` maps those locations to
+request fields.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from gid_core.config import DataConfig, JobConfig, ModelConfig
+from gid_core.config import (
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    batch_split_problems,
+    class_problems,
+    teacher_problems,
+)
+from gid_core.errors import Loc
 from service import crud
 from service.errors import Conflict, FieldErrors, NotFound, field_error
 from service.models import Dataset, Job, Model
@@ -28,6 +38,36 @@ from service.schemas import JobCreate
 
 # Fields that shape the network: an init model must agree on all of them to load strictly.
 STRUCTURAL_FIELDS = ("arch", "backbone", "num_classes", "fpn_channels", "norm")
+
+# Where a JobConfig location comes from in the request body; the longest matching prefix wins.
+# A trailing ``...`` carries the rest of the location over: the request embeds the engine's own
+# ModelConfig (student) and Hyperparameters. Every teacher field comes from the model it names.
+REQUEST_FIELDS: dict[Loc, tuple[str | EllipsisType, ...]] = {
+    ("kind",): ("kind",),
+    ("student",): ("student", ...),
+    ("student", "weights"): ("student", "init_model_id"),
+    ("teacher",): ("teacher",),
+    **{("teacher", name): ("teacher", "model_id") for name in ModelConfig.model_fields},
+    ("data",): ("val_dataset",),  # DataConfig's own rule: val annotations and images come as a pair
+    ("data", "train_annotations"): ("train_dataset",),
+    ("data", "train_images"): ("train_dataset",),
+    ("data", "val_annotations"): ("val_dataset",),
+    ("data", "val_images"): ("val_dataset",),
+    ("hyperparameters",): ("hyperparameters", ...),
+    ("devices",): ("resources", "devices"),
+}
+
+
+def request_loc(engine_loc: Loc) -> list[str | int]:
+    """The request field (``["body", ...]``) that a ``JobConfig`` location comes from; the body as
+    a whole for JobConfig itself."""
+    for end in range(len(engine_loc), 0, -1):
+        target = REQUEST_FIELDS.get(engine_loc[:end])
+        if target is not None:
+            if target[-1] is ...:
+                return ["body", *target[:-1], *engine_loc[end:]]
+            return ["body", *target]
+    return ["body"]
 
 
 @dataclass
@@ -98,17 +138,7 @@ def resolve_job(session: Session, *, owner_id: str, request: JobCreate, max_devi
     teacher = lookup(crud.get_model, ["teacher", "model_id"], model_id=request.teacher.model_id) if request.teacher else None
     init = lookup(crud.get_model, ["student", "init_model_id"], model_id=student.init_model_id) if student.init_model_id else None
 
-    if request.kind == "distill" and request.teacher is None:
-        errors.append(field_error(["body", "teacher"], "required when kind is 'distill'", "missing"))
-    if request.kind == "train" and request.teacher is not None:
-        errors.append(field_error(["body", "teacher"], "only allowed when kind is 'distill'"))
-    errors += _class_errors(student.num_classes, train, val, teacher)
-    if teacher is not None and teacher.config["arch"] != student.arch:
-        errors.append(field_error(
-            ["body", "teacher", "model_id"],
-            f"teacher arch '{teacher.config['arch']}' != student.arch '{student.arch}': "
-            "GID matches dense predictions one to one",
-        ))
+    errors += _engine_rule_errors(request, train=train, val=val, teacher=teacher)
     if init is not None:
         differing = [f for f in STRUCTURAL_FIELDS if init.config.get(f) != getattr(student, f)]
         if differing:
@@ -117,46 +147,33 @@ def resolve_job(session: Session, *, owner_id: str, request: JobCreate, max_devi
     devices = request.resources.devices
     if devices > max_devices:
         errors.append(field_error(["body", "resources", "devices"], f"{devices} devices: the limit is {max_devices}"))
-    if request.hyperparameters.batch_size % devices:
-        errors.append(field_error(
-            ["body", "hyperparameters", "batch_size"],
-            f"batch_size {request.hyperparameters.batch_size} is not divisible by resources.devices {devices}",
-        ))
     if errors:
         raise FieldErrors(errors)
     engine = build_engine_config(request, train=train, val=val, teacher=teacher, init=init)
     return ResolvedJob(request=request, engine=engine, train=train, val=val, teacher=teacher, init=init)
 
 
-def _class_errors(num_classes: int, train: Dataset | None, val: Dataset | None, teacher: Model | None) -> list[dict]:
-    errors = []
-    if train is not None and num_classes != train.num_categories:
-        errors.append(field_error(
-            ["body", "student", "num_classes"],
-            f"student.num_classes {num_classes} != {train.num_categories} categories of train_dataset '{train.id}'",
-            "class_mismatch",
-        ))
-    if train is not None and val is not None and val.categories != train.categories:
-        errors.append(field_error(
-            ["body", "val_dataset"],
-            f"categories {val.categories} differ from train_dataset's {train.categories}",
-            "class_mismatch",
-        ))
-    if teacher is not None:
-        teacher_classes = teacher.config["num_classes"]
-        if teacher_classes != num_classes:
-            errors.append(field_error(
-                ["body", "teacher", "model_id"],
-                f"teacher has {teacher_classes} classes but student.num_classes is {num_classes}",
-                "class_mismatch",
-            ))
-        elif train is not None and teacher.categories is not None and teacher.categories != train.categories:
-            errors.append(field_error(
-                ["body", "teacher", "model_id"],
-                f"teacher categories {teacher.categories} differ from train_dataset's {train.categories}",
-                "class_mismatch",
-            ))
-    return errors
+def _engine_rule_errors(
+    request: JobCreate, *, train: Dataset | None, val: Dataset | None, teacher: Model | None
+) -> list[dict[str, Any]]:
+    """The engine's cross-field rules on what resolved (an id that did not is reported already)."""
+    teacher_config = _teacher_config(teacher) if teacher else None
+    problems = []
+    if request.teacher is None or teacher is not None:
+        problems += teacher_problems(request.kind, request.student, teacher_config)
+    problems += class_problems(
+        request.student.num_classes,
+        teacher_classes=teacher_config.num_classes if teacher_config else None,
+        teacher_categories=teacher.categories if teacher else None,
+        train_categories=train.categories if train else None,
+        val_categories=val.categories if val else None,
+    )
+    problems += batch_split_problems(request.hyperparameters.batch_size, request.resources.devices)
+    return [field_error(request_loc(p.loc), p.message, p.code) for p in problems]
+
+
+def _teacher_config(teacher: Model) -> ModelConfig:
+    return ModelConfig(**teacher.config, weights=teacher.path)
 
 
 def build_engine_config(
@@ -167,7 +184,7 @@ def build_engine_config(
         return JobConfig(
             kind=request.kind,
             student=request.student.to_model_config(weights=init.path if init else None),
-            teacher=ModelConfig(**teacher.config, weights=teacher.path) if teacher else None,
+            teacher=_teacher_config(teacher) if teacher else None,
             data=DataConfig(
                 train_annotations=train.annotations_path,
                 train_images=train.images_path,
@@ -177,32 +194,6 @@ def build_engine_config(
             hyperparameters=request.hyperparameters,
             devices=request.resources.devices,
         )
-    except ValidationError as e:
-        raise FieldErrors([_engine_error(err) for err in e.errors()]) from None
-
-
-# Where a JobConfig field comes from in the request body.
-_ENGINE_TO_REQUEST: dict[str, list[str]] = {
-    "kind": ["kind"],
-    "student": ["student"],
-    "teacher": ["teacher", "model_id"],
-    "data": ["train_dataset"],
-    "hyperparameters": ["hyperparameters"],
-    "devices": ["resources", "devices"],
-}
-_LEADING_FIELD = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*)")
-
-
-def _engine_error(err: dict[str, Any]) -> dict[str, Any]:
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    loc = [str(p) for p in err["loc"]]
-    if not loc:  # a model-level validator: its message starts with the field it is about
-        match = _LEADING_FIELD.match(msg)
-        loc = match.group(1).split(".") if match else []
-    if loc and loc[0] in _ENGINE_TO_REQUEST:
-        head = _ENGINE_TO_REQUEST[loc[0]]
-        rest = [] if loc[0] in ("teacher", "data", "devices") else loc[1:]
-        loc = head + rest
-    else:
-        loc = []
-    return field_error(["body", *loc], msg, "engine_config")
+    except ValidationError as e:  # located in JobConfig
+        errors = [field_error(request_loc(err["loc"]), err["msg"], err["type"]) for err in e.errors()]
+        raise FieldErrors(errors) from None

@@ -1,11 +1,12 @@
 """Hand a committed job to the workers: one Celery message on the Redis broker.
 
+The queue and task names live here, the one place both sides read them: the service sends the task
+by name (it does not import ``worker/``), and ``worker.celery_app`` registers it under the same name.
+
 The API enqueues only after the job row is committed, so a worker never receives an id it cannot
 find. The database, not the broker, is the source of truth: if the broker is down the job simply
-stays ``queued`` and the worker side's sweep (``crud.list_queued_job_ids``) sends it again later; a
-message delivered twice is harmless because ``crud.claim_job`` lets only one worker run a job.
-
-This module does not import ``worker/``: it sends the task by name.
+stays ``queued`` and the worker side's sweep (``leases.list_queued_job_ids``) sends it again later;
+a message delivered twice is harmless because ``leases.claim_job`` lets only one worker run a job.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from celery import Celery
 
 from service.core.config import settings
 
-TASK_NAME = "gid.run_job"
-QUEUE_NAME = "gid.jobs"
+JOB_QUEUE = "gid.jobs"  # the Redis list the workers consume
+RUN_JOB_TASK = "gid.run_job"  # run_job(job_id): the one task of the workers
 # Fail fast when Redis is unreachable: the request must not hang, the sweep will retry.
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
@@ -46,7 +47,7 @@ def enqueue_job(job_id: str, *, broker_url: str | None = None) -> bool:
     """Send ``gid.run_job(job_id)`` to the ``gid.jobs`` queue; False (logged) if the broker failed."""
     try:
         _producer_app(broker_url or settings.redis_url).send_task(
-            TASK_NAME, args=[job_id], queue=QUEUE_NAME, retry=True, retry_policy=_RETRY_POLICY
+            RUN_JOB_TASK, args=[job_id], queue=JOB_QUEUE, retry=True, retry_policy=_RETRY_POLICY
         )
     except Exception as e:  # noqa: BLE001 - any broker failure leaves the job queued for the sweep
         log.warning("could not enqueue job %s (%s: %s); it stays queued and the sweep will send it again",

@@ -13,13 +13,9 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from gid_core.config import Hyperparameters, ModelConfig
+from gid_core.config import Hyperparameters, ModelConfig, StrictModel
 
 Name = Field(min_length=1, max_length=200)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class _Out(BaseModel):
@@ -51,15 +47,15 @@ class StudentSpec(ModelSpec):
     init_model_id: str | None = Field(None, description="start from this model's weights")
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictModel):
     model_id: str = Field(description="a trained model (uploaded, or the output of a train job)")
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     devices: int = Field(1, ge=1, le=64, description="DDP processes (GPUs on CUDA)")
 
 
-class JobCreate(_Strict):
+class JobCreate(StrictModel):
     kind: Literal["train", "distill"]
     name: str | None = Field(None, max_length=200)
     student: StudentSpec
@@ -70,7 +66,7 @@ class JobCreate(_Strict):
     resources: Resources = Field(default_factory=Resources)
 
 
-class DatasetPathCreate(_Strict):
+class DatasetPathCreate(StrictModel):
     """Register a dataset already on the server, inside one of ``settings.data_roots``."""
 
     name: str = Name

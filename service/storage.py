@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from gid_core.fileio import fsync_path
+
 CHUNK = 1024 * 1024
 # Members below this size may compress arbitrarily well (a blank PNG) without being a bomb.
 ZIP_RATIO_FLOOR_BYTES = 1024 * 1024
@@ -49,14 +51,6 @@ class UnsafeArchive(ValueError):
     """A zip archive that is malformed or would write outside its folder or blow up in size."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_stream(chunks: Iterable[bytes], dest: Path, *, max_bytes: int, field: str = "file") -> StoredFile:
     """Stream ``chunks`` to ``dest`` atomically, hashing as it goes; ``UploadTooLarge`` past ``max_bytes``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +71,7 @@ def write_stream(chunks: Iterable[bytes], dest: Path, *, max_bytes: int, field: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     return StoredFile(path=dest, size=size, sha256=digest.hexdigest())
 
 
@@ -88,14 +82,6 @@ def read_chunks(fileobj: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:
 
 def copy_fileobj(fileobj: BinaryIO, dest: Path, *, max_bytes: int, field: str = "file") -> StoredFile:
     return write_stream(read_chunks(fileobj), dest, max_bytes=max_bytes, field=field)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in read_chunks(f):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_zip_member_name(name: str) -> None:
@@ -201,7 +187,7 @@ class Storage:
         """Rename a finished staging folder into place (``final`` must not exist)."""
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staging, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
 
     def purge_stale_tmp(self, max_age_seconds: float = 24 * 3600) -> None:
         """Remove staging leftovers of requests that died mid-upload (older than a day)."""

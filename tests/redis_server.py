@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.embedded import find_redis_server
-from tests.pg_server import free_port
+from gid.embedded import find_redis_server
+from gid_core.processes import free_port
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Start a worker node with ``gid worker`` (or ``celery -A worker.celery_app worker``). Design:
 
-* Broker: Redis at ``settings.redis_url``; queue ``gid.jobs``; task ``gid.run_job(job_id)``.
+* Broker: Redis at ``settings.redis_url``; queue ``gid.jobs``; task ``gid.run_job(job_id)`` (both
+  names live in ``service.queue``).
 * No result backend: the job's state lives in the database, the message is only a wake-up call.
 * One job per node: ``concurrency=1`` and ``prefetch_multiplier=1``; a node with several GPUs runs
   one job over all of them (``devices`` DDP ranks), so a node never hoards a second message.
@@ -26,15 +27,12 @@ from __future__ import annotations
 from celery import Celery
 
 from service.core.config import settings
-from worker.config import worker_settings
-
-QUEUE = "gid.jobs"
-RUN_JOB_TASK = "gid.run_job"
+from service.queue import JOB_QUEUE, RUN_JOB_TASK
 
 app = Celery("gid", broker=settings.redis_url, include=["worker.tasks", "worker.reaper"])
 app.conf.update(
-    task_default_queue=QUEUE,
-    task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
+    task_default_queue=JOB_QUEUE,
+    task_routes={RUN_JOB_TASK: {"queue": JOB_QUEUE}},
     task_serializer="json",
     accept_content=["json"],
     task_acks_late=True,
@@ -49,8 +47,8 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_send_task_events=False,
     task_send_sent_event=False,
-    task_soft_time_limit=worker_settings.job_time_limit_seconds,
-    task_time_limit=int(worker_settings.job_time_limit_seconds + worker_settings.cancel_grace_seconds + 60),
-    broker_transport_options={"visibility_timeout": worker_settings.broker_visibility_timeout_seconds},
+    task_soft_time_limit=settings.job_time_limit_seconds,
+    task_time_limit=int(settings.job_time_limit_seconds + settings.cancel_grace_seconds + 60),
+    broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_seconds},
     broker_connection_retry_on_startup=True,
 )

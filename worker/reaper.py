@@ -2,7 +2,7 @@
 
 ``reap(session)`` does one sweep:
 
-1. ``crud.requeue_or_fail_stale_jobs``: running jobs whose lease expired go back to ``queued``
+1. ``leases.requeue_or_fail_stale_jobs``: running jobs whose lease expired go back to ``queued``
    (their next attempt resumes from the newest checkpoint), or to ``failed`` after
    ``max_attempts`` lost workers; each requeued job gets a fresh message at once.
 2. Jobs ``queued`` for longer than ``job_requeue_after_seconds`` whose id is not waiting in the
@@ -30,11 +30,9 @@ from datetime import datetime
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.orm import Session
 
-from service import crud
+from service import leases
 from service.core.config import settings
-from service.queue import enqueue_job
-from worker.celery_app import QUEUE, RUN_JOB_TASK
-from worker.config import worker_settings
+from service.queue import JOB_QUEUE, RUN_JOB_TASK, enqueue_job
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ class ReapReport:
     enqueue_failed: list[str] = field(default_factory=list)  # the broker refused (retried next sweep)
 
 
-def job_ids_in_queue(client, queue: str = QUEUE) -> set[str]:
+def job_ids_in_queue(client, queue: str = JOB_QUEUE) -> set[str]:
     """Ids of the ``gid.run_job`` messages waiting in the Redis list of ``queue``.
 
     kombu's Redis transport keeps a queue as a list of JSON envelopes whose ``body`` is the
@@ -83,14 +81,14 @@ def reap(
     """One sweep (see the module docstring). Without ``redis_client`` the queue is not inspected
     and every queued job older than ``requeue_after_seconds`` is enqueued again."""
     report = ReapReport()
-    report.requeued, report.failed = crud.requeue_or_fail_stale_jobs(
+    report.requeued, report.failed = leases.requeue_or_fail_stale_jobs(
         session, now=now, max_attempts=max_attempts or settings.max_attempts
     )
     for job_id in report.failed:
         logger.warning("job %s failed: its worker was lost %d times", job_id, max_attempts or settings.max_attempts)
     _send(report.requeued, report, enqueue, what="requeued (worker lost)")
 
-    waiting = crud.list_queued_job_ids(
+    waiting = leases.list_queued_job_ids(
         session,
         older_than_seconds=settings.job_requeue_after_seconds if requeue_after_seconds is None else requeue_after_seconds,
     )
@@ -157,7 +155,7 @@ _thread: ReaperThread | None = None
 def _start_reaper(**_kwargs) -> None:
     global _thread
     if _thread is None or not _thread.is_alive():
-        _thread = ReaperThread(period=worker_settings.reaper_period_seconds, redis_url=settings.redis_url)
+        _thread = ReaperThread(period=settings.reaper_period_seconds, redis_url=settings.redis_url)
         _thread.start()
 
 

@@ -1,10 +1,10 @@
 """The training child of a worker: ``python -m worker.runner --config JOB.json --output-dir DIR ...``.
 
 ``gid.run_job`` (``worker.tasks``) starts this module as a child process in its own session and
-supervises it (lease heartbeats, cancel timeout, time limit). The runner spawns the job's
-``devices`` DDP ranks with ``gid_core.launch`` and each rank calls ``gid_core.engine.run_job`` on
-the job's output directory with ``resume=True``, so a job picked up again after its worker died
-continues from its newest checkpoint.
+supervises it (lease heartbeats, cancel timeout, time limit). The runner runs the job with the
+engine's launcher, ``gid_core.engine.run_job_launched`` (the job's ``devices`` DDP ranks), on the
+job's output directory with ``resume=True``, so a job picked up again after its worker died
+continues from its newest checkpoint. ``job_row_hooks`` is the launcher's hook factory.
 
 Rank 0 streams to the database: progress (throttled to one write per
 ``GID_PROGRESS_INTERVAL_SECONDS``), the reduced training scalars as metric points every
@@ -16,28 +16,31 @@ The outcome goes to ``--result`` as JSON (written atomically): ``{"status": "com
 "cancelled" | "failed", "metrics", "iterations", "start_iteration", "export_dir", "error"}``.
 Exit code 0 when training ended (completed or cancelled), 1 when it failed.
 
-Every process of the tree dies with its parent (``PR_SET_PDEATHSIG``): if the worker is killed,
-no orphaned rank keeps training into the job's output directory.
+Every process of the tree dies with its parent (``PR_SET_PDEATHSIG``; ``gid_core.launch`` does it
+for the ranks): if the worker is killed, no orphaned rank keeps training into the job's output
+directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
-import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gid_core.config import JobConfig
-from gid_core.engine import run_job
-from gid_core.hooks import CancelHook, HookBase, MetricsHook, ProgressHook
-from gid_core.launch import launch
-from worker.files import checkpoint_iteration, die_with_parent, finite_only, write_json_atomic
+from gid_core.engine import run_job_launched
+from gid_core.fileio import finite_only, write_json_atomic
+from gid_core.hooks import CancelHook, MetricsHook, ProgressHook
+from gid_core.jobdir import JobDir
+from gid_core.launch import LaunchError
+from gid_core.processes import die_with_parent
+from gid_core.trainer import HookBase
 
 logger = logging.getLogger("worker.runner")
 
@@ -45,36 +48,38 @@ MAX_ERROR_CHARS = 4000
 
 
 def describe_exception(exc: BaseException) -> str:
-    """One readable line for a failure; for a failed DDP rank, the rank's own exception line
-    followed by which rank it was (``gid_core.launch`` puts the child's traceback in the message)."""
+    """One readable line for a failure; for a failed DDP rank, the rank's own exception and which
+    rank failed first."""
+    if isinstance(exc, LaunchError):
+        own = f"{exc.exc_type}: {exc.exc_message}" if exc.exc_message else exc.exc_type
+        return f"{own} (rank {exc.rank} failed first)"
     text = str(exc).strip()
-    if "Traceback (most recent call last)" in text:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        header = next((ln.strip() for ln in lines if ln.startswith("-- ")), "")  # "-- rank 1 failed first:"
-        last = lines[-1].strip()
-        return f"{last} ({header.strip('-: ')})" if header else last
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- rank 0 -> database
 
 
-class DbReporter:
+class DbReporter(HookBase):
     """Rank 0's link to the job row: progress, metric points, the cancel flag.
 
-    Database errors never stop training: progress is best effort, metric points stay buffered
-    (up to ``MAX_BUFFERED_POINTS``) and are retried with the next batch.
+    As a hook it records where training starts (0, or the iteration of the checkpoint it resumed
+    from) and, after training, writes what is pending and closes; ``ProgressHook``,
+    ``MetricsHook`` and ``CancelHook`` call its methods. Database errors never stop training:
+    progress is best effort, metric points stay buffered (up to ``MAX_BUFFERED_POINTS``) and are
+    retried with the next batch.
     """
 
     MAX_BUFFERED_POINTS = 100_000
 
     def __init__(
-        self, job_id: str, worker_id: str, *, cancel_poll_seconds: float, progress_interval_seconds: float
+        self, job_id: str, worker_id: str, *, attempt: int | None, cancel_poll_seconds: float,
+        progress_interval_seconds: float,
     ) -> None:
         from service.core.config import settings
         from service.core.db import make_engine, make_session_factory
 
-        self.job_id, self.worker_id = job_id, worker_id
+        self.job_id, self.worker_id, self.attempt = job_id, worker_id, attempt
         self.cancel_poll_seconds = cancel_poll_seconds
         self.progress_interval_seconds = progress_interval_seconds
         self._engine = make_engine(settings.database_url)
@@ -91,13 +96,16 @@ class DbReporter:
 
         return session_scope(self._factory)
 
-    def set_start(self, start_iteration: int, max_iters: int, attempt: int | None) -> None:
-        """Where this attempt starts: 0, or the iteration of the checkpoint it resumed from."""
+    def before_train(self) -> None:
+        start = int(self.trainer.start_iter)
         self._progress.update(
-            attempt=attempt, start_iteration=start_iteration, iteration=start_iteration, max_iters=max_iters,
+            attempt=self.attempt, start_iteration=start, iteration=start, max_iters=int(self.trainer.max_iters),
             eta_seconds=None,
         )
         self._write_progress()
+
+    def after_train(self) -> None:
+        self.close()
 
     def progress(self, info: dict[str, Any]) -> None:
         """``ProgressHook`` callback."""
@@ -118,21 +126,21 @@ class DbReporter:
     def flush(self) -> None:
         if not self._points:
             return
-        from service import crud
+        from service import leases
 
         try:
             with self._session() as session:
-                crud.add_metric_points(session, job_id=self.job_id, points=list(self._points))
+                leases.add_metric_points(session, job_id=self.job_id, points=list(self._points))
             self._points.clear()
         except Exception:
             logger.warning("could not store %d metric points (kept for the next batch)", len(self._points), exc_info=True)
 
     def _write_progress(self) -> None:
-        from service import crud
+        from service import leases
 
         try:
             with self._session() as session:
-                crud.update_progress(
+                leases.update_progress(
                     session,
                     job_id=self.job_id,
                     worker_id=self.worker_id,
@@ -151,11 +159,11 @@ class DbReporter:
         if now - self._last_cancel_check < self.cancel_poll_seconds:
             return False
         self._last_cancel_check = now
-        from service import crud
+        from service import leases
 
         try:
             with self._session() as session:
-                job = crud.get_job(session, job_id=self.job_id)
+                job = leases.get_job(session, job_id=self.job_id)
                 self._cancel = job is None or bool(job.cancel_requested)
         except Exception:
             logger.warning("could not read the cancel flag", exc_info=True)
@@ -172,70 +180,27 @@ class DbReporter:
 # --------------------------------------------------------------------------- the ranks
 
 
-@dataclass(frozen=True)
-class RankSpec:
-    """Everything a rank needs (picklable: it crosses the spawn boundary)."""
+def job_row_hooks(
+    rank: int, *, job_id: str, worker_id: str, attempt: int | None, log_period: int, cancel_poll_seconds: float,
+    progress_interval_seconds: float,
+) -> list[HookBase]:
+    """The launcher's hook factory: rank 0 reports to the job row through a ``DbReporter``.
 
-    job_json: str
-    output_dir: str
-    job_id: str | None  # None: run without a database (no progress, no cancel flag)
-    worker_id: str | None
-    runner_pid: int
-    attempt: int | None = None
-    cancel_poll_seconds: float = 1.0
-    progress_interval_seconds: float = 1.0
-
-
-class StartHook(HookBase):
-    """Records where training starts: 0, or the iteration of the checkpoint it resumed from."""
-
-    def __init__(self, reporter: DbReporter | None, attempt: int | None) -> None:
-        self.reporter = reporter
-        self.attempt = attempt
-        self.start_iteration: int | None = None
-
-    def before_train(self) -> None:
-        self.start_iteration = int(self.trainer.start_iter)
-        if self.start_iteration > 0:
-            logger.info("resumed from checkpoint at iteration %d", self.start_iteration)
-        if self.reporter is not None:
-            self.reporter.set_start(self.start_iteration, int(self.trainer.max_iters), self.attempt)
-
-
-def run_rank(rank: int, world_size: int, spec: RankSpec) -> dict[str, Any] | None:
-    """One DDP rank (called by ``gid_core.launch.launch`` after the process group is up)."""
-    if world_size > 1:
-        die_with_parent(spec.runner_pid)
-        _configure_logging(f"rank{rank}")
-    job = JobConfig.model_validate_json(spec.job_json)
-    reporter = None
-    if rank == 0 and spec.job_id is not None:
-        reporter = DbReporter(
-            spec.job_id,
-            spec.worker_id or "",
-            cancel_poll_seconds=spec.cancel_poll_seconds,
-            progress_interval_seconds=spec.progress_interval_seconds,
-        )
-    start = StartHook(reporter, spec.attempt)
-    # The same hooks with the same periods on every rank: MetricsHook and CancelHook are collectives.
-    hooks = [
-        start,
-        ProgressHook(reporter.progress if reporter else _ignore, period=1),
-        MetricsHook(reporter.metrics if reporter else _ignore, period=job.hyperparameters.log_period),
-        CancelHook(reporter.should_cancel if reporter else None, period=1),
-    ]
-    try:
-        result = run_job(job, output_dir=Path(spec.output_dir), hooks=hooks, resume=True)
-    finally:
-        if reporter is not None:
-            reporter.close()
+    Every rank gets the same ``MetricsHook`` and ``CancelHook`` with the same periods (they are
+    collectives); their callbacks run on rank 0 only.
+    """
     if rank != 0:
-        return None
-    out = finite_only(dict(result))
-    out["start_iteration"] = start.start_iteration
-    if out.get("export_dir") is not None:
-        out["export_dir"] = str(out["export_dir"])
-    return out
+        return [MetricsHook(_ignore, period=log_period), CancelHook(period=1)]
+    reporter = DbReporter(
+        job_id, worker_id, attempt=attempt, cancel_poll_seconds=cancel_poll_seconds,
+        progress_interval_seconds=progress_interval_seconds,
+    )
+    return [
+        ProgressHook(reporter.progress, period=1),
+        MetricsHook(reporter.metrics, period=log_period),
+        CancelHook(reporter.should_cancel, period=1),
+        reporter,  # last: it closes after the others have reported
+    ]
 
 
 def _ignore(*_args: Any) -> None:
@@ -272,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging("runner")
     die_with_parent(args.parent_pid)
-    start_iteration = checkpoint_iteration(args.output_dir) or 0
+    start_iteration = JobDir(args.output_dir).checkpoint_iteration() or 0
     try:
         job = JobConfig.model_validate_json(args.config.read_text())
         logger.info(
@@ -280,17 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             job.kind, job.devices, job.hyperparameters.max_iters, args.output_dir,
             f"iteration {start_iteration}" if start_iteration else "none",
         )
-        spec = RankSpec(
-            job_json=job.model_dump_json(),
-            output_dir=str(args.output_dir),
-            job_id=args.job_id,
-            worker_id=args.worker_id,
-            runner_pid=os.getpid(),
-            attempt=args.attempt,
-            cancel_poll_seconds=args.cancel_poll_seconds,
-            progress_interval_seconds=args.progress_interval_seconds,
-        )
-        result = launch(run_rank, job.devices, spec)
+        hook_factory = None  # without a job row: no progress, no metric points, no cancel flag
+        if args.job_id is not None:
+            hook_factory = functools.partial(
+                job_row_hooks, job_id=args.job_id, worker_id=args.worker_id or "", attempt=args.attempt,
+                log_period=job.hyperparameters.log_period, cancel_poll_seconds=args.cancel_poll_seconds,
+                progress_interval_seconds=args.progress_interval_seconds,
+            )
+        result = run_job_launched(job, args.output_dir, hook_factory, resume=True)
     except Exception as exc:
         traceback.print_exc()
         sys.stdout.flush()

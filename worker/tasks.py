@@ -2,12 +2,12 @@
 
 A job message is only a wake-up call; the job row decides:
 
-1. ``crud.claim_job`` takes the job's lease (owner ``host:pid:uuid``, expiry ``job_lease_seconds``).
+1. ``leases.claim_job`` takes the job's lease (owner ``host:pid:uuid``, expiry ``job_lease_seconds``).
    None means the job is finished, cancelled, or running under another worker's live lease (a
    redelivered or duplicated message): the message is dropped.
 2. The training runs in a child process (``python -m worker.runner``, its own session) that spawns
    the job's DDP ranks; the Celery process never imports torch. Its output goes to
-   ``<output_dir>/logs/attempt-<n>.log``.
+   ``<output_dir>/logs/attempt-<n>.log`` (the folder's layout: ``gid_core.jobdir``).
 3. While it runs, the task renews the lease every ``job_heartbeat_seconds``. A lost lease (the
    reaper requeued the job, or it was finished elsewhere) or a database unreachable for nearly a
    lease period kills the child at once: another worker may take the job over. A cancel request is
@@ -42,14 +42,17 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gid_core.config import JobConfig
-from service import crud
+from gid_core.fileio import read_json, sha256_file, tail_lines, write_json_atomic
+from gid_core.jobdir import JobDir
+from gid_core.processes import die_with_parent, kill_process_group
+from service import crud, leases
 from service.core.config import settings
 from service.core.db import make_engine, make_session_factory, session_scope
-from service.models import Job, JobStatus
-from service.storage import Storage, sha256_file
-from worker.celery_app import RUN_JOB_TASK, app
-from worker.config import worker_settings
-from worker.files import die_with_parent, latest_checkpoint, read_json, tail_lines, write_json_atomic
+from service.models import Job
+from service.queue import RUN_JOB_TASK
+from service.status import JobStatus
+from service.storage import Storage
+from worker.celery_app import app
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +100,11 @@ def run_job(self, job_id: str) -> str:
     """Run job ``job_id`` if it can be claimed; returns what happened (for the worker log)."""
     worker_id = make_worker_id()
     job = db_call(
-        crud.claim_job, job_id=job_id, worker_id=worker_id, lease_seconds=settings.job_lease_seconds,
+        leases.claim_job, job_id=job_id, worker_id=worker_id, lease_seconds=settings.job_lease_seconds,
         max_attempts=settings.max_attempts,
     )
     if job is None:
-        current = db_call(crud.get_job, job_id=job_id)
+        current = db_call(leases.get_job, job_id=job_id)
         state = "unknown job" if current is None else f"status {current.status}, lease owner {current.lease_owner}"
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         logger.info("job %s not claimable (%s; redelivered=%s): message dropped", job_id, state, redelivered)
@@ -127,11 +130,11 @@ class JobSupervisor:
         self.job = job
         self.job_id = job.id
         self.worker_id = worker_id
-        self.output_dir = Storage(settings.data_dir).job_dir(job.id)
+        self.job_dir = JobDir(Storage(settings.data_dir).job_dir(job.id))
         self.attempt = int(job.attempts)
-        self.log_path = self.output_dir / "logs" / f"attempt-{self.attempt}.log"
-        self.result_path = self.output_dir / "logs" / f"attempt-{self.attempt}.result.json"
-        self.config_path = self.output_dir / "job.json"
+        self.log_path = self.job_dir.attempt_log(self.attempt)
+        self.result_path = self.job_dir.attempt_result(self.attempt)
+        self.config_path = self.job_dir.config
         self.proc: subprocess.Popen | None = None
 
     # ----------------------------------------------------------------------- run
@@ -141,7 +144,7 @@ class JobSupervisor:
             config = JobConfig.model_validate(self.job.engine_config)
         except ValidationError as e:
             return self._finish(JobStatus.FAILED, error=f"invalid engine config: {e}")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.job_dir.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.config_path, config.model_dump(mode="json"))
         self.result_path.unlink(missing_ok=True)
         try:
@@ -149,7 +152,7 @@ class JobSupervisor:
             outcome = self._supervise()
         except SoftTimeLimitExceeded:
             self._kill_child()
-            limit = worker_settings.job_time_limit_seconds
+            limit = settings.job_time_limit_seconds
             return self._finish(JobStatus.FAILED, error=f"time limit exceeded: the job ran for more than {limit} s")
         except BaseException:
             self._kill_child()
@@ -161,14 +164,14 @@ class JobSupervisor:
         cmd = [
             sys.executable, "-m", "worker.runner",
             "--config", str(self.config_path),
-            "--output-dir", str(self.output_dir),
+            "--output-dir", str(self.job_dir.root),
             "--result", str(self.result_path),
             "--job-id", self.job_id,
             "--worker-id", self.worker_id,
             "--attempt", str(self.attempt),
             "--parent-pid", str(os.getpid()),
-            "--cancel-poll-seconds", str(worker_settings.cancel_poll_seconds),
-            "--progress-interval-seconds", str(worker_settings.progress_interval_seconds),
+            "--cancel-poll-seconds", str(settings.cancel_poll_seconds),
+            "--progress-interval-seconds", str(settings.progress_interval_seconds),
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -177,7 +180,7 @@ class JobSupervisor:
             # Its own session: the supervisor can stop the runner and all its ranks with one killpg.
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=str(self.output_dir), start_new_session=True,
+                cwd=str(self.job_dir.root), start_new_session=True,
             )
         logger.info("job %s: training child pid %d, log %s", self.job_id, self.proc.pid, self.log_path)
 
@@ -198,7 +201,7 @@ class JobSupervisor:
                 next_beat = now + heartbeat
                 try:
                     state = db_call(
-                        crud.renew_lease, job_id=self.job_id, worker_id=self.worker_id,
+                        leases.renew_lease, job_id=self.job_id, worker_id=self.worker_id,
                         lease_seconds=settings.job_lease_seconds,
                     )
                 except Exception:
@@ -217,7 +220,7 @@ class JobSupervisor:
                     if state.cancel_requested and cancel_seen is None:
                         logger.info("job %s: cancel requested", self.job_id)
                         cancel_seen = now
-            if cancel_seen is not None and now - cancel_seen > worker_settings.cancel_grace_seconds:
+            if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
                 logger.warning("job %s: still running %.0f s after the cancel request; killing it",
                                self.job_id, now - cancel_seen)
                 self._kill_child()
@@ -225,24 +228,8 @@ class JobSupervisor:
 
     def _kill_child(self) -> None:
         """SIGTERM the child's whole process group, then SIGKILL whatever is left."""
-        proc = self.proc
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, KILL_WAIT_SECONDS), (signal.SIGKILL, KILL_WAIT_SECONDS)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if sig == signal.SIGTERM:
-                try:  # ranks that outlived the runner
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            return
+        if self.proc is not None:
+            kill_process_group(self.proc, grace_seconds=KILL_WAIT_SECONDS)
 
     # ----------------------------------------------------------------------- outcome
 
@@ -271,7 +258,7 @@ class JobSupervisor:
 
     def _cancel_requested(self) -> bool:
         try:
-            job = db_call(crud.get_job, job_id=self.job_id)
+            job = db_call(leases.get_job, job_id=self.job_id)
         except Exception:
             return False
         return job is not None and bool(job.cancel_requested)
@@ -291,12 +278,12 @@ class JobSupervisor:
 
     def _register(self, name: str, path: Path) -> dict[str, Any]:
         size, digest = path.stat().st_size, sha256_file(path)
-        db_call(crud.add_artifact, job_id=self.job_id, name=name, path=str(path), size=size, sha256=digest)
+        db_call(leases.add_artifact, job_id=self.job_id, name=name, path=str(path), size=size, sha256=digest)
         return {"path": path, "size": size, "sha256": digest}
 
     def _register_leftovers(self) -> None:
         """The newest checkpoint and the log of a job that did not complete (best effort)."""
-        for name, path in (("checkpoint.pt", latest_checkpoint(self.output_dir)), (self.log_path.name, self.log_path)):
+        for name, path in (("checkpoint.pt", self.job_dir.latest_checkpoint()), (self.log_path.name, self.log_path)):
             if path is not None and path.is_file():
                 try:
                     self._register(name, path)
@@ -304,20 +291,19 @@ class JobSupervisor:
                     logger.warning("job %s: could not register %s", self.job_id, path, exc_info=True)
 
     def _succeed(self, result: dict[str, Any]) -> str:
-        export_dir = Path(result.get("export_dir") or self.output_dir / "export")
-        weights, metadata_path = export_dir / "model.safetensors", export_dir / "metadata.json"
-        metrics_path = self.output_dir / "metrics.json"
+        weights, metadata_path = self.job_dir.export_weights, self.job_dir.export_metadata
+        metrics_path = self.job_dir.metrics
         metrics = result.get("metrics") or {}
         if not metrics_path.is_file():
             write_json_atomic(metrics_path, metrics)
         metadata = read_json(metadata_path)
         if metadata is None or not weights.is_file():
-            raise FileNotFoundError(f"the export in {export_dir} is incomplete")
+            raise FileNotFoundError(f"the export in {self.job_dir.export} is incomplete")
 
-        stored = self._register("model.safetensors", weights)
-        self._register("metadata.json", metadata_path)
-        self._register("metrics.json", metrics_path)
-        checkpoint = latest_checkpoint(self.output_dir)
+        stored = self._register(weights.name, weights)
+        self._register(metadata_path.name, metadata_path)
+        self._register(metrics_path.name, metrics_path)
+        checkpoint = self.job_dir.latest_checkpoint()
         if checkpoint is not None:
             self._register("checkpoint.pt", checkpoint)
         self._register(self.log_path.name, self.log_path)
@@ -337,7 +323,7 @@ class JobSupervisor:
         return self._finish(JobStatus.SUCCEEDED, final_metrics=metrics, output_model_id=model.id)
 
     def _finish(self, status: JobStatus, **kwargs: Any) -> str:
-        done = db_call(crud.finish_job, job_id=self.job_id, worker_id=self.worker_id, status=status.value, **kwargs)
+        done = db_call(leases.finish_job, job_id=self.job_id, worker_id=self.worker_id, status=status.value, **kwargs)
         if not done:
             logger.warning("job %s: could not record %s (the lease was lost meanwhile)", self.job_id, status.value)
             return "lease lost"

@@ -1,7 +1,8 @@
-"""Service settings, read once from ``GID_*`` environment variables.
+"""The settings of every GID process (API, CLI and worker), read once from ``GID_*`` environment variables.
 
 ``settings`` is the process-wide singleton the CLI and the worker use; the API takes a ``Settings``
-in ``create_app(settings)`` so tests can run several apps side by side.
+in ``create_app(settings)`` so tests can run several apps side by side. Fields are grouped by who
+reads them; a process ignores the groups it does not use.
 
 List settings take JSON in the environment: ``GID_DATA_ROOTS='["/datasets", "/mnt/coco"]'``.
 Outside ``env="local"`` the default secret key is refused: a production deployment must set
@@ -18,11 +19,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET_KEY = "gid-local-development-secret-do-not-use-in-production"
 MiB = 1024 * 1024
+HOUR = 3600
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GID_", extra="ignore", validate_default=True)
 
+    # Every process: where the deployment keeps its state.
     env: Literal["local", "production"] = "local"
     secret_key: str = Field(DEFAULT_SECRET_KEY, min_length=16, description="HMAC key of API token hashes")
 
@@ -33,18 +36,42 @@ class Settings(BaseSettings):
         default_factory=list, description="server folders datasets may be registered from by path"
     )
 
+    # The API: request limits.
     max_upload_bytes: int = Field(4096 * MiB, ge=1, description="largest uploaded file (zip, checkpoint)")
     max_annotation_bytes: int = Field(1024 * MiB, ge=1, description="largest uploaded annotation JSON")
     max_json_body_bytes: int = Field(4 * MiB, ge=1, description="largest non-upload request body")
     max_unzipped_bytes: int = Field(32 * 1024 * MiB, ge=1, description="total extracted size of an images zip")
     max_zip_members: int = Field(2_000_000, ge=1)
     max_zip_ratio: float = Field(200.0, gt=1.0, description="largest compression ratio of one zip member")
+    max_devices: int = Field(8, ge=1, le=64, description="largest DDP world size a job may ask for")
 
+    # Workers: the job lease (service.leases) and the reaper.
     job_lease_seconds: int = Field(60, ge=5, description="a worker's lease on a running job")
     job_heartbeat_seconds: int = Field(15, ge=1, description="how often a worker renews its lease")
     job_requeue_after_seconds: int = Field(120, ge=1, description="re-enqueue jobs queued this long")
     max_attempts: int = Field(3, ge=1, description="worker losses before a job is failed")
-    max_devices: int = Field(8, ge=1, le=64, description="largest DDP world size a job may ask for")
+    reaper_period_seconds: float = Field(
+        30.0, gt=0, description="how often a worker looks for stale running jobs and forgotten queued jobs"
+    )
+
+    # Workers: supervising a running job.
+    cancel_poll_seconds: float = Field(
+        1.0, gt=0, description="how often rank 0 of a running job reads its cancel flag from the database"
+    )
+    cancel_grace_seconds: float = Field(
+        30.0, gt=0, description="after a cancel request, how long training may take to stop before it is killed"
+    )
+    progress_interval_seconds: float = Field(
+        1.0, ge=0, description="least time between two progress writes of a running job"
+    )
+    job_time_limit_seconds: int = Field(
+        7 * 24 * HOUR, ge=60, description="a job still running after this long is stopped and failed"
+    )
+    broker_visibility_timeout_seconds: int | None = Field(
+        None,
+        ge=60,
+        description="Redis redelivers an unacknowledged message after this long; None: job time limit + 1 h",
+    )
 
     @model_validator(mode="after")
     def _resolve(self) -> "Settings":
@@ -58,6 +85,13 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'gid.db'}"
         self.data_roots = [root.expanduser().resolve() for root in self.data_roots]
+        if self.broker_visibility_timeout_seconds is None:
+            # The lease, not the broker, decides who runs a job: a redelivered message for a job
+            # whose lease is alive is dropped, and the reaper re-enqueues jobs of lost workers
+            # within a lease period. So the only job of this timeout is to bring back a message
+            # that was lost with its worker, and a long one avoids pointless redeliveries while a
+            # long job runs.
+            self.broker_visibility_timeout_seconds = self.job_time_limit_seconds + HOUR
         return self
 
 

@@ -121,8 +121,3 @@ def test_format_table_aligns_columns():
     assert len({len(line) for line in lines}) == 1
     assert "0.001" in table and "1.50" in table
 
-
-def test_hotspot_fixes_match_the_library():
-    from benchmarks.hotspots import check_exact
-
-    assert check_exact(trials=2) == {"gism_mismatches": 0, "roi_mismatches": 0}

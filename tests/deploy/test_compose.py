@@ -1,7 +1,7 @@
 """``docker-compose.yml`` and ``deploy/`` agree with the settings the code reads.
 
-No Docker engine here: the compose file is parsed and checked against ``Settings`` (service) and
-``WorkerSettings`` (worker): every ``GID_*`` variable is a real setting and its value validates,
+No Docker engine here: the compose file is parsed and checked against ``Settings`` (API and
+worker): every ``GID_*`` variable is a real setting and its value validates,
 the artifact volume sits at ``GID_DATA_DIR`` in both api and worker, the dataset roots are mounted,
 Redis persists, PostgreSQL keeps its data, the worker reserves NVIDIA GPUs, and the commands are
 valid ``gid`` command lines.
@@ -19,9 +19,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.cli import build_parser
+from gid.cli import build_parser
 from service.core.config import Settings
-from worker.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = ("api", "worker")
@@ -86,26 +85,26 @@ def test_services_and_volumes(compose):
 
 
 def test_every_gid_variable_is_a_setting_and_validates(compose, monkeypatch):
-    fields = {f"GID_{name.upper()}" for name in (*Settings.model_fields, *WorkerSettings.model_fields)}
+    fields = {f"GID_{name.upper()}" for name in Settings.model_fields}
     for name in APP_SERVICES:
         env = service_env(compose, name)
         unknown = sorted(k for k in env if k.startswith("GID_") and k not in fields)
-        assert not unknown, f"{name}: not settings of service.core.config or worker.config: {unknown}"
+        assert not unknown, f"{name}: not settings of service.core.config: {unknown}"
         for key in [k for k in os.environ if k.startswith("GID_")]:
             monkeypatch.delenv(key)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        settings, worker = Settings(), WorkerSettings()  # production values must validate
+        settings = Settings()  # production values must validate
         assert settings.env == "production"
         assert settings.database_url.startswith("postgresql")
         assert urlparse(settings.database_url).hostname == "postgres"
         assert urlparse(settings.redis_url).hostname == "redis"
         if name == "worker":
-            assert worker.broker_visibility_timeout_seconds > worker.job_time_limit_seconds
+            assert settings.broker_visibility_timeout_seconds > settings.job_time_limit_seconds
     # The worker reads what the API reads, plus its own settings.
     api, worker = service_env(compose, "api"), service_env(compose, "worker")
     assert {k: v for k, v in worker.items() if k in api} == api
-    assert set(worker) - set(api) <= {f"GID_{n.upper()}" for n in WorkerSettings.model_fields}
+    assert set(worker) - set(api) <= fields
 
 
 def test_shared_artifact_volume_and_dataset_roots(compose):
@@ -144,8 +143,9 @@ def test_worker_reserves_nvidia_gpus_and_waits_for_the_schema(compose):
 
 
 def test_commands_and_images(compose):
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["gid"] == "service.cli:main"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["gid"] == "gid.cli:main"
+    assert "gid*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     parser = build_parser()
     for name, subcommand in (("api", "serve"), ("worker", "worker")):
         svc = compose["services"][name]
@@ -154,10 +154,11 @@ def test_commands_and_images(compose):
         parser.parse_args(command[1:])  # a valid command line (argparse exits otherwise)
         dockerfile = ROOT / svc["build"]["dockerfile"]
         text = dockerfile.read_text()
-        for package in ("gid_core", "service", "worker"):
+        dockerignore = (ROOT / f"{svc['build']['dockerfile']}.dockerignore").read_text()
+        for package in ("gid_core", "service", "worker", "gid"):
             assert f"COPY {package} {package}" in text, f"{dockerfile.name} does not copy {package}"
+            assert f"!{package}/**" in dockerignore, f"{dockerfile.name}.dockerignore leaves out {package}"
         assert "requirements.txt" in text and "pip install --no-deps ." in text
-        assert (ROOT / f"{svc['build']['dockerfile']}.dockerignore").is_file()
     api_port = compose["services"]["api"]["ports"][0].split(":")[-1]
     assert compose["services"]["api"]["command"][-1] == api_port
     worker_file = (ROOT / "deploy" / "Dockerfile.worker").read_text()

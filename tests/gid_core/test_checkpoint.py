@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from gid_core.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from gid_core.config import DataConfig, Hyperparameters, JobConfig, ModelConfig, SyntheticDatasetConfig
 from gid_core.engine import run_job
-from gid_core.hooks import HookBase
 from gid_core.sampler import ResumableLoader, ResumableSampler, augmentation_seed
+from gid_core.trainer import HookBase
 
 # --------------------------------------------------------------------------- Checkpointer
 
@@ -238,11 +238,11 @@ def test_resume_equals_uninterrupted_run(kind, tiny_data, tmp_path):
     assert straight["status"] == "completed" and straight["iterations"] == 4
 
     first = run_job(job, output_dir=tmp_path / "b", hooks=[StopAt(3)])
-    assert first == {"status": "cancelled", "metrics": {}, "export_dir": None, "iterations": 3}
+    assert first == {"status": "cancelled", "metrics": {}, "export_dir": None, "iterations": 3, "start_iteration": 0}
     assert (tmp_path / "b" / "checkpoints" / "last").read_text() == "ckpt_0000003.pt"
     assert not (tmp_path / "b" / "export").exists()
     second = run_job(job, output_dir=tmp_path / "b")
-    assert second["status"] == "completed" and second["iterations"] == 4
+    assert second["status"] == "completed" and second["iterations"] == 4 and second["start_iteration"] == 3
 
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert sorted(log_b) == list(range(1, 5))

@@ -64,9 +64,14 @@ def test_config_level_errors(tmp_path, capsys):
 
     (tmp_path / "broken.json").write_text("{not json")
     assert main(["train", "--config", str(tmp_path / "broken.json"), "--output-dir", str(tmp_path)]) == 2
-    assert "invalid JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not valid JSON" in err and "broken.json" in err
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path)]) == 2
-    assert "config file not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read config file" in err and "missing.yaml: not found" in err
+    (tmp_path / "list.yaml").write_text("- kind: train\n")
+    assert main(["train", "--config", str(tmp_path / "list.yaml"), "--output-dir", str(tmp_path)]) == 2
+    assert "list.yaml: expected a mapping, got list" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse: --output-dir is required for training
         main(["train", "--config", str(cfg)])
     assert exc.value.code == 2

@@ -14,14 +14,23 @@ from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from gid_core.data import (
+    ANNOTATIONS_LOC,
+    DATASET_LOC,
+    IMAGES_LOC,
     MAX_REPORTED_PROBLEMS,
     CocoDetectionDataset,
     DatasetValidationError,
     collate_detection,
+    label_order,
     rescale_boxes,
     resized_hw,
     validate_coco_dataset,
 )
+from gid_core.errors import Problem
+
+
+def messages(problems: list[Problem]) -> list[str]:
+    return [p.message for p in problems]
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -106,8 +115,8 @@ def test_validation_reports_every_problem_kind(tmp_path: Path):
     ann.write_text(json.dumps(data))
     parsed, problems = validate_coco_dataset(ann, images)
     assert parsed == data
-    assert problems[1].startswith("images[2] (id 3): cannot read image 'garbage.png': ")
-    assert problems[:1] + problems[2:] == [
+    assert problems[1].message.startswith("images[2] (id 3): cannot read image 'garbage.png': ")
+    assert messages(problems[:1] + problems[2:]) == [
         f"images[1] (id 2): file 'missing.png' not found in {images}",
         "images[3] (id 4): size in JSON is 20x20 (width x height) but 'small.png' is 10x10",
         "images[4] (id 1): duplicate image id 1 (first at images[0])",
@@ -122,6 +131,9 @@ def test_validation_reports_every_problem_kind(tmp_path: Path):
         "annotations[9] (id 10): bbox must be 4 finite numbers [x, y, width, height], got [0, 0, 5]",
         "annotations[10] (id 11): bbox [0, -3.5, 5, 5] extends past the top edge of image 1 (40x20) by 3.5 px",
     ]
+    # Problems with the image files are located in the images folder, the rest in the JSON.
+    assert [p.loc for p in problems] == [IMAGES_LOC] * 3 + [ANNOTATIONS_LOC] * 11
+    assert {p.code for p in problems} == {"invalid_dataset"}
     with pytest.raises(DatasetValidationError) as info:
         CocoDetectionDataset(ann, images)
     assert info.value.problems == problems
@@ -145,7 +157,7 @@ def test_field_types_and_duplicate_names(tmp_path: Path):
     }
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(data))
-    assert validate_coco_dataset(ann, images)[1] == [
+    assert messages(validate_coco_dataset(ann, images)[1]) == [
         "images[0]: 'id' must be an integer, got \"x\"",
         "images[0]: 'width' must be a positive integer, got 0",
         "images[1]: must be an object, got str",
@@ -169,21 +181,23 @@ def test_invalid_json_missing_file_and_top_level(tmp_path: Path):
     images.mkdir()
     ann = tmp_path / "ann.json"
     ann.write_text('{"images": [}')
-    assert validate_coco_dataset(ann, images) == ({}, [f"{ann}: invalid JSON: Expecting value (line 1, column 13)"])
+    invalid = Problem(ANNOTATIONS_LOC, f"{ann}: invalid JSON: Expecting value (line 1, column 13)", "invalid_dataset")
+    assert validate_coco_dataset(ann, images) == ({}, [invalid])
     missing = tmp_path / "nope.json"
-    assert validate_coco_dataset(missing, images) == ({}, [f"{missing}: annotation file not found"])
+    not_found = Problem(ANNOTATIONS_LOC, f"{missing}: annotation file not found", "invalid_dataset")
+    assert validate_coco_dataset(missing, images) == ({}, [not_found])
     ann.write_text("[1, 2]")
-    assert validate_coco_dataset(ann, images)[1] == [f"{ann}: top level must be a JSON object, got list"]
+    assert messages(validate_coco_dataset(ann, images)[1]) == [f"{ann}: top level must be a JSON object, got list"]
     ann.write_text(json.dumps({"images": [], "categories": {}}))
-    assert validate_coco_dataset(ann, images)[1] == [
+    assert messages(validate_coco_dataset(ann, images)[1]) == [
         "missing top-level key 'annotations'",
         "top-level 'categories' must be a list, got dict",
         "images: empty; a dataset needs at least one image",
     ]
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}], "categories": [], "annotations": []}))
     assert validate_coco_dataset(ann, tmp_path / "no_such_dir")[1] == [
-        f"images folder {tmp_path / 'no_such_dir'}: not found or not a directory",
-        "categories: empty; at least one category is required",
+        Problem(IMAGES_LOC, f"images folder {tmp_path / 'no_such_dir'}: not found or not a directory", "invalid_dataset"),
+        Problem(ANNOTATIONS_LOC, "categories: empty; at least one category is required", "invalid_dataset"),
     ]
 
 
@@ -199,9 +213,14 @@ def test_problem_list_is_capped(tmp_path: Path):
     ann.write_text(json.dumps(data))
     problems = validate_coco_dataset(ann, images)[1]
     assert len(problems) == MAX_REPORTED_PROBLEMS + 1 == 101
-    assert problems[0] == "annotations[0] (id 0): bbox [0, 0, 0, 1] has non-positive width"
-    assert problems[99] == "annotations[99] (id 99): bbox [0, 0, 0, 1] has non-positive width"
-    assert problems[-1] == "... and 50 more problems"
+    assert problems[0].message == "annotations[0] (id 0): bbox [0, 0, 0, 1] has non-positive width"
+    assert problems[99].message == "annotations[99] (id 99): bbox [0, 0, 0, 1] has non-positive width"
+    assert problems[-1] == Problem(DATASET_LOC, "... and 50 more problems", "too_many_problems")
+
+
+def test_label_order_sorts_categories_by_id():
+    categories = [{"id": 12, "name": "bird"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
+    assert label_order(categories) == [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}, {"id": 12, "name": "bird"}]
 
 
 # ---------------------------------------------------------------------------------------------

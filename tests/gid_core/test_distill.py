@@ -9,13 +9,11 @@ import torch
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import roi_align
 
 from gid_core.config import DistillConfig, ModelConfig
 from gid_core.dense import FCOSView, RetinaNetView, iou_matcher_positive
 from gid_core.distill import GIDDistiller
 from gid_core.models import build_detector
-from gid_core.roi import assign_levels, feature_levels, pool_instances
 
 SIZE = 96
 
@@ -215,24 +213,3 @@ def test_faster_rcnn_response_mask_is_the_rpn_assignment():
     valid[0, :5] = True
     mask = d.view.positive_mask(student, padded, valid, torch.stack(anchors), [])
     assert torch.equal(mask[0], labels[0] == 1)
-
-
-def test_level_assignment_follows_fpn_rule():
-    # canonical 224 @ level 4: side 224 -> 4, 112 -> 3, 448 -> 5, tiny -> clamped to the lowest.
-    boxes = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 448, 448], [0, 0, 4, 4]], dtype=torch.float32)
-    idx = assign_levels(boxes, [3, 4, 5, 6, 7], canonical_scale=224, canonical_level=4)
-    assert idx.tolist() == [1, 0, 2, 0]
-
-
-def test_pool_instances_reads_each_box_on_its_level():
-    g = torch.Generator().manual_seed(4)
-    features = [torch.rand(2, 4, 64 // s, 64 // s, generator=g) for s in (8, 16, 32)]
-    assert feature_levels(features, (64, 64)) == [3, 4, 5]
-    rois = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 10.0, 5.0, 20.0, 9.0], [1, 0.0, 0.0, 60.0, 60.0]])
-    level_index = torch.tensor([1, 0, 2])
-    pooled = pool_instances(features, rois, level_index, [8, 16, 32], output_size=5, sampling_ratio=2)
-    for i in range(3):
-        lvl = int(level_index[i])
-        stride = [8, 16, 32][lvl]
-        expected = roi_align(features[lvl], rois[i : i + 1], 5, 1.0 / stride, 2, aligned=True)
-        torch.testing.assert_close(pooled[i : i + 1], expected)

@@ -14,9 +14,9 @@ from torch import nn
 from gid_core.checkpoint import Checkpointer
 from gid_core.config import DataConfig, Hyperparameters, JobConfig, ModelConfig, SyntheticDatasetConfig
 from gid_core.engine import run_job_launched
-from gid_core.hooks import CancelHook, CheckpointHook, HookBase, MetricsHook
+from gid_core.hooks import CancelHook, CheckpointHook, MetricsHook
 from gid_core.launch import LaunchError, get_rank, get_world_size, launch
-from gid_core.trainer import Trainer
+from gid_core.trainer import HookBase, Trainer
 
 # --------------------------------------------------------------------------- launch on toy functions
 
@@ -30,8 +30,9 @@ def _fail_on_rank_1(rank: int, world_size: int) -> int:
 
 def test_child_exception_propagates_with_traceback():
     # Rank 0 fails too (its peer vanished mid-barrier); the error shown is the cause, rank 1's.
-    with pytest.raises(LaunchError, match=r"(?s)rank 1 failed first.*Traceback.*ValueError: boom from rank 1"):
+    with pytest.raises(LaunchError, match=r"(?s)rank 1 failed first.*Traceback.*ValueError: boom from rank 1") as info:
         launch(_fail_on_rank_1, 2, backend="gloo")
+    assert (info.value.rank, info.value.exc_type, info.value.exc_message) == (1, "ValueError", "boom from rank 1")
 
 
 def test_single_process_runs_in_process_without_group():

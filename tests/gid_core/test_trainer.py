@@ -1,15 +1,16 @@
-"""The training loop on toy models: learning, non-finite losses, schedules, clipping, stopping."""
+"""The training loop on toy models: learning, non-finite losses, schedules, clipping, stopping, hooks."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from gid_core.hooks import HookBase, MetricsHook, ProgressHook, TrainingCancelled, flatten_metrics
-from gid_core.trainer import Trainer, build_lr_scheduler, build_optimizer, lr_factor
+from gid_core.hooks import LRSchedulerHook, MetricsHook, ProgressHook, flatten_metrics
+from gid_core.trainer import HookBase, Trainer, TrainingCancelled, build_lr_scheduler, build_optimizer, lr_factor
 
 
 class ToyRegressor(nn.Module):
@@ -117,10 +118,13 @@ def test_step_schedule_with_warmup_matches_hand_computed_values():
         opt, max_iters=10, schedule="step", warmup_iters=4, warmup_factor=0.2, steps=[0.5, 0.8], gamma=0.1
     )
     seen, hook = record_metrics()
-    Trainer(model, opt, toy_batches(), max_iters=10, scheduler=sched, device="cpu", hooks=[hook]).train()
+    trainer = Trainer(model, opt, toy_batches(), max_iters=10, device="cpu", hooks=[LRSchedulerHook(sched), hook])
+    trainer.train()
     # warm-up factor 0.2*(1-a)+a with a = it/4: 0.2, 0.4, 0.6, 0.8; milestones at 5 and 8.
     expected = [0.02, 0.04, 0.06, 0.08, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]
     assert [m["lr"] for _, m in seen] == pytest.approx(expected, rel=1e-9)
+    # The scheduler's state is the hook's, so it is checkpointed with the trainer.
+    assert trainer.state_dict()["hooks"]["LRSchedulerHook#0"]["scheduler"]["last_epoch"] == 10
 
 
 def test_cosine_and_constant_schedules():
@@ -224,3 +228,15 @@ def test_flatten_metrics():
         "eval/per_category/square/AP": 15.0,
         "eval/extra/x": 1.0,
     }
+
+
+def test_hooks_hold_the_trainer_by_weak_reference():
+    model = ToyRegressor()
+    hook = HookBase()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), toy_batches(), max_iters=2,
+                      device="cpu", hooks=[hook])
+    assert hook.trainer.max_iters == 2
+    del trainer
+    gc.collect()
+    with pytest.raises(ReferenceError):
+        hook.trainer.iter  # the hook did not keep its trainer alive

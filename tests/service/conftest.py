@@ -23,7 +23,7 @@ from service.core.config import Settings
 from service.core.db import make_engine, make_session_factory
 from service.main import create_app
 from service.migrate import upgrade_to_head
-from service.models import Base
+from service.models import Base, Job
 from tests.pg_server import PostgresServer, find_pg_bin, start_postgres
 from tests.redis_server import RedisServer, start_redis
 from tests.service.helpers import KiB, Api
@@ -85,6 +85,27 @@ def session_factory(db_url: str) -> Iterator[sessionmaker[Session]]:
 def session(session_factory) -> Iterator[Session]:
     with session_factory() as s:
         yield s
+
+
+@pytest.fixture
+def make_job(session):
+    """``make_job()`` inserts a queued job of one owner (``make_job.owner_id``) on one dataset."""
+    owner = crud.get_or_create_owner(session, name="owner")
+    dataset = crud.create_dataset(
+        session, owner_id=owner.id, name="d", source="path", annotations_path="/a.json", images_path="/i",
+        num_images=1, num_annotations=1, categories=["a"],
+    )
+
+    def make() -> Job:
+        job, created = crud.create_job(
+            session, owner_id=owner.id, kind="train", name=None, config={}, engine_config={}, request_hash="h",
+            idempotency_key=None, train_dataset_id=dataset.id,
+        )
+        assert created
+        return job
+
+    make.owner_id = owner.id
+    return make
 
 
 @pytest.fixture

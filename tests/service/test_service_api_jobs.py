@@ -9,10 +9,10 @@ import threading
 import pytest
 
 from gid_core.config import Hyperparameters
-from service import crud, jobspec
+from service import crud, jobspec, leases
 from service.errors import FieldErrors
 from service.models import Dataset, Model
-from service.queue import QUEUE_NAME, TASK_NAME
+from service.queue import JOB_QUEUE, RUN_JOB_TASK
 from service.schemas import JobCreate
 from tests.service.helpers import TINY_MODEL
 
@@ -43,7 +43,7 @@ def distill_body(ids, **overrides):
 
 
 def queued_messages(api) -> list[dict]:
-    return [json.loads(m) for m in api.redis.client().lrange(QUEUE_NAME, 0, -1)]
+    return [json.loads(m) for m in api.redis.client().lrange(JOB_QUEUE, 0, -1)]
 
 
 def locs(response) -> set[tuple]:
@@ -58,12 +58,12 @@ def test_submit_train_job_is_stored_and_enqueued(api, setup):
     assert job["progress"] == {"iteration": 0, "max_iters": 20, "epoch": None, "eta_seconds": None}
     assert job["train_dataset_id"] == setup["train"] and job["started_at"] is None
     # The message is really in Redis, for the worker's task name and queue.
-    assert api.redis.client().llen(QUEUE_NAME) == 1
+    assert api.redis.client().llen(JOB_QUEUE) == 1
     (message,) = queued_messages(api)
-    assert message["headers"]["task"] == TASK_NAME and message["headers"]["argsrepr"] == repr([job["id"]])
+    assert message["headers"]["task"] == RUN_JOB_TASK and message["headers"]["argsrepr"] == repr([job["id"]])
     # The engine config was resolved at submission, with the dataset's stored paths.
     with api.session() as s:
-        row = crud.get_job(s, job_id=job["id"])
+        row = leases.get_job(s, job_id=job["id"])
         train = s.get(Dataset, setup["train"])
     engine = row.engine_config
     assert engine["data"]["train_annotations"] == train.annotations_path
@@ -76,7 +76,7 @@ def test_submit_distill_job_resolves_teacher(api, setup):
     r = api.post("/v1/jobs", json=distill_body(setup))
     assert r.status_code == 201, r.text
     with api.session() as s:
-        row = crud.get_job(s, job_id=r.json()["id"])
+        row = leases.get_job(s, job_id=r.json()["id"])
         teacher = s.get(Model, setup["teacher"])
     assert row.teacher_model_id == teacher.id
     assert row.engine_config["teacher"]["weights"] == teacher.path
@@ -118,7 +118,7 @@ def test_invalid_job_names_the_fields(api, setup, mutate, expected):
     assert r.status_code == 422, r.text
     assert locs(r) == expected, r.json()
     assert api.get("/v1/jobs").json()["total"] == 0
-    assert api.redis.client().llen(QUEUE_NAME) == 0
+    assert api.redis.client().llen(JOB_QUEUE) == 0
 
 
 def test_teacher_categories_must_match_dataset(api, setup):
@@ -138,7 +138,7 @@ def test_init_model_must_fit_student(api, setup):
     r = api.post("/v1/jobs", json=body)
     assert r.status_code == 201
     with api.session() as s:
-        assert crud.get_job(s, job_id=r.json()["id"]).engine_config["student"]["weights"] == s.get(Model, good).path
+        assert leases.get_job(s, job_id=r.json()["id"]).engine_config["student"]["weights"] == s.get(Model, good).path
 
 
 def test_engine_validation_errors_map_to_request_fields():
@@ -151,8 +151,10 @@ def test_engine_validation_errors_map_to_request_fields():
     teacher = Model(id="t", config={**TINY_MODEL, "num_classes": 3, "arch": "fcos", "fpn_channels": 64}, path="/t.safetensors")
     with pytest.raises(FieldErrors) as info:
         jobspec.build_engine_config(request, train=dataset, val=None, teacher=teacher, init=None)
-    (error,) = info.value.errors
-    assert error["loc"] == ["body", "teacher", "model_id"] and "teacher.num_classes (3)" in error["msg"]
+    arch, classes, batch = info.value.errors  # every problem at once, each at its own field
+    assert arch["loc"] == ["body", "teacher", "model_id"] and "teacher.arch (fcos)" in arch["msg"]
+    assert classes["loc"] == ["body", "teacher", "model_id"] and "teacher.num_classes (3)" in classes["msg"]
+    assert batch["loc"] == ["body", "hyperparameters", "batch_size"]
     teacher.config["num_classes"] = 2
     teacher.config["arch"] = "retinanet"
     with pytest.raises(FieldErrors) as info:
@@ -171,7 +173,7 @@ def test_idempotent_submission(api, setup):
     assert api.post("/v1/jobs", json=explicit, headers={"Idempotency-Key": "k-1"}).status_code == 200
     changed = api.post("/v1/jobs", json={**body, "name": "other"}, headers={"Idempotency-Key": "k-1"})
     assert changed.status_code == 409
-    assert api.redis.client().llen(QUEUE_NAME) == 1  # enqueued once
+    assert api.redis.client().llen(JOB_QUEUE) == 1  # enqueued once
     # Keys are per owner, and requests without a key always create.
     bob_body = {**body, "train_dataset": setup["bob_train"], "val_dataset": None}
     assert api.post("/v1/jobs", "bob", json=bob_body, headers={"Idempotency-Key": "k-1"}).status_code == 201
@@ -184,7 +186,7 @@ def test_broker_down_leaves_job_queued_for_the_sweep(api, setup):
     r = api.post("/v1/jobs", json=train_body(setup))
     assert r.status_code == 201 and r.json()["status"] == "queued"
     with api.session() as s:
-        assert crud.list_queued_job_ids(s, older_than_seconds=0) == [r.json()["id"]]
+        assert leases.list_queued_job_ids(s, older_than_seconds=0) == [r.json()["id"]]
 
 
 def test_list_jobs_paginates_newest_first(api, setup):
@@ -206,12 +208,12 @@ def test_cancel(api, setup):
     assert api.post(f"/v1/jobs/{queued}/cancel").status_code == 409
     running = api.post("/v1/jobs", json=train_body(setup)).json()["id"]
     with api.session() as s:
-        crud.claim_job(s, job_id=running, worker_id="w", lease_seconds=60)
+        leases.claim_job(s, job_id=running, worker_id="w", lease_seconds=60)
     r = api.post(f"/v1/jobs/{running}/cancel")
     assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
     with api.session() as s:
-        assert crud.renew_lease(s, job_id=running, worker_id="w", lease_seconds=60).cancel_requested
-        crud.finish_job(s, job_id=running, worker_id="w", status="cancelled")
+        assert leases.renew_lease(s, job_id=running, worker_id="w", lease_seconds=60).cancel_requested
+        leases.finish_job(s, job_id=running, worker_id="w", status="cancelled")
     assert api.get(f"/v1/jobs/{running}").json()["status"] == "cancelled"
 
 
@@ -219,13 +221,13 @@ def test_finished_train_job_feeds_a_distill_job(api, setup):
     """The worker's path: claim, progress, register the output model, finish; then distill from it."""
     job_id = api.post("/v1/jobs", json=train_body(setup)).json()["id"]
     with api.session() as s:
-        crud.claim_job(s, job_id=job_id, worker_id="w", lease_seconds=60)
-        crud.update_progress(s, job_id=job_id, worker_id="w", progress={"iteration": 20, "max_iters": 20, "epoch": 1.5, "eta_seconds": 0}, latest_metrics={"loss": 0.5})
+        leases.claim_job(s, job_id=job_id, worker_id="w", lease_seconds=60)
+        leases.update_progress(s, job_id=job_id, worker_id="w", progress={"iteration": 20, "max_iters": 20, "epoch": 1.5, "eta_seconds": 0}, latest_metrics={"loss": 0.5})
         model = crud.create_model(
             s, owner_id=api.owner_ids["alice"], name="out", config={**TINY_MODEL, "weights": "x"},
             categories=["class_0", "class_1"], path="/m.safetensors", sha256="f" * 64, size=9, source_job_id=job_id,
         )
-        assert crud.finish_job(s, job_id=job_id, worker_id="w", status="succeeded", final_metrics={"AP": 1.0}, output_model_id=model.id)
+        assert leases.finish_job(s, job_id=job_id, worker_id="w", status="succeeded", final_metrics={"AP": 1.0}, output_model_id=model.id)
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["output_model_id"] == model.id and job["attempts"] == 1
     assert job["progress"]["epoch"] == 1.5 and job["latest_metrics"] == {"loss": 0.5} and job["final_metrics"] == {"AP": 1.0}
@@ -238,9 +240,9 @@ def test_finished_train_job_feeds_a_distill_job(api, setup):
 def test_metrics_incremental_and_downsampled(api, setup):
     job_id = api.post("/v1/jobs", json=train_body(setup)).json()["id"]
     with api.session() as s:
-        crud.add_metric_points(s, job_id=job_id, points=[("loss", step, float(step)) for step in range(1, 101)])
-        crud.add_metric_points(s, job_id=job_id, points=[("lr", step, 0.01) for step in range(10, 101, 10)])
-        crud.add_metric_points(s, job_id=job_id, points=[("lr", 100, 0.02)])  # re-logged step: newest wins
+        leases.add_metric_points(s, job_id=job_id, points=[("loss", step, float(step)) for step in range(1, 101)])
+        leases.add_metric_points(s, job_id=job_id, points=[("lr", step, 0.01) for step in range(10, 101, 10)])
+        leases.add_metric_points(s, job_id=job_id, points=[("lr", 100, 0.02)])  # re-logged step: newest wins
     url = f"/v1/jobs/{job_id}/metrics"
     full = api.get(url).json()
     assert full["last_step"] == 100 and full["series"]["loss"]["steps"] == list(range(1, 101))
@@ -269,8 +271,8 @@ def test_artifacts_download(api, setup):
     (out / "model.safetensors").write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
     with api.session() as s:
-        crud.add_artifact(s, job_id=job_id, name="export/model.safetensors", path=str(out / "model.safetensors"), size=len(payload), sha256=sha)
-        crud.add_artifact(s, job_id=job_id, name="gone.json", path=str(out / "gone.json"), size=1, sha256="0" * 64)
+        leases.add_artifact(s, job_id=job_id, name="export/model.safetensors", path=str(out / "model.safetensors"), size=len(payload), sha256=sha)
+        leases.add_artifact(s, job_id=job_id, name="gone.json", path=str(out / "gone.json"), size=1, sha256="0" * 64)
     listing = api.get(f"/v1/jobs/{job_id}/artifacts").json()
     assert [(a["name"], a["size"], a["sha256"]) for a in listing] == [
         ("export/model.safetensors", len(payload), sha), ("gone.json", 1, "0" * 64)

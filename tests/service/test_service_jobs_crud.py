@@ -1,14 +1,13 @@
-"""The job state machine and the worker-facing crud functions, on SQLite and PostgreSQL."""
+"""The job state machine (``service.models``) and ``crud.set_job_status``, the conditional UPDATE that
+follows it, on SQLite and PostgreSQL (the lease protocol: ``test_service_leases.py``)."""
 
 from __future__ import annotations
-
-import threading
-from datetime import timedelta
 
 import pytest
 
 from service import crud
-from service.models import IllegalTransition, Job, JobStatus, allowed_sources, check_transition, utcnow
+from service.models import IllegalTransition, Job, allowed_sources, check_transition
+from service.status import JobStatus
 
 LEGAL = {
     ("queued", "running"), ("queued", "cancelled"), ("running", "succeeded"), ("running", "failed"),
@@ -33,154 +32,13 @@ def test_transition_rejects_unknown_status_and_lists_sources():
     assert allowed_sources("queued") == ["running"]
 
 
-@pytest.fixture
-def make_job(session):
-    owner = crud.get_or_create_owner(session, name="owner")
-    dataset = crud.create_dataset(
-        session, owner_id=owner.id, name="d", source="path", annotations_path="/a.json", images_path="/i",
-        num_images=1, num_annotations=1, categories=["a"],
-    )
-
-    def make() -> Job:
-        job, created = crud.create_job(
-            session, owner_id=owner.id, kind="train", name=None, config={}, engine_config={}, request_hash="h",
-            idempotency_key=None, train_dataset_id=dataset.id,
-        )
-        assert created
-        return job
-
-    make.owner_id = owner.id
-    return make
-
-
-def test_claim_renew_finish(session, make_job):
+def test_set_job_status_follows_the_state_machine(session, make_job):
     job = make_job()
-    claimed = crud.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=30)
-    assert claimed is not None and claimed.status == "running" and claimed.lease_owner == "w1"
-    assert claimed.attempts == 1 and claimed.started_at is not None
-    assert claimed.lease_expires_at > utcnow() + timedelta(seconds=25)
-    # A redelivered message while the lease is alive: no second claim.
-    assert crud.claim_job(session, job_id=job.id, worker_id="w2", lease_seconds=30) is None
-    assert crud.renew_lease(session, job_id=job.id, worker_id="w1", lease_seconds=30) == crud.LeaseState(True, False)
-    assert crud.renew_lease(session, job_id=job.id, worker_id="w2", lease_seconds=30).alive is False
-    assert crud.update_progress(session, job_id=job.id, worker_id="w1", progress={"iteration": 5}, latest_metrics={"loss": float("nan")})
-    assert not crud.update_progress(session, job_id=job.id, worker_id="w2", progress={"iteration": 9})
-    assert not crud.finish_job(session, job_id=job.id, worker_id="w2", status="succeeded")
-    assert crud.finish_job(session, job_id=job.id, worker_id="w1", status="succeeded", final_metrics={"AP": 12.5})
-    done = crud.get_job(session, job_id=job.id)
-    assert done.status == "succeeded" and done.lease_owner is None and done.finished_at is not None
-    assert done.progress == {"iteration": 5} and done.latest_metrics == {"loss": None}
-    assert done.final_metrics == {"AP": 12.5}
-    # Terminal: nothing moves it any more.
-    assert not crud.finish_job(session, job_id=job.id, worker_id="w1", status="failed")
-    assert crud.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=30) is None
-    assert crud.renew_lease(session, job_id=job.id, worker_id="w1", lease_seconds=30).alive is False
-
-
-def test_finish_refuses_non_terminal_status(session, make_job):
-    job = make_job()
-    crud.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=30)
-    with pytest.raises(ValueError, match="must be one of"):
-        crud.finish_job(session, job_id=job.id, worker_id="w1", status="queued")
-    with pytest.raises(ValueError):
-        crud.finish_job(session, job_id=job.id, worker_id="w1", status="paused")
-
-
-def test_expired_lease_is_taken_over(session, make_job):
-    job = make_job()
-    crud.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=-1)  # already expired
-    taken = crud.claim_job(session, job_id=job.id, worker_id="w2", lease_seconds=30)
-    assert taken is not None and taken.lease_owner == "w2" and taken.attempts == 2
-    # The lost worker finds out on its next heartbeat and cannot finish the job.
-    assert crud.renew_lease(session, job_id=job.id, worker_id="w1", lease_seconds=30).alive is False
-    assert not crud.finish_job(session, job_id=job.id, worker_id="w1", status="failed", error="x")
-    # With max_attempts the takeover stops at the limit.
-    crud.renew_lease(session, job_id=job.id, worker_id="w2", lease_seconds=-1)
-    assert crud.claim_job(session, job_id=job.id, worker_id="w3", lease_seconds=30, max_attempts=2) is None
-
-
-def test_cancel_request_reaches_the_worker(session, make_job):
-    job = make_job()
-    crud.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=30)
-    cancelled = crud.cancel_job(session, owner_id=make_job.owner_id, job_id=job.id)
-    assert cancelled.status == "running" and cancelled.cancel_requested
-    assert crud.renew_lease(session, job_id=job.id, worker_id="w1", lease_seconds=30) == crud.LeaseState(True, True)
-    assert crud.finish_job(session, job_id=job.id, worker_id="w1", status="cancelled")
-    from service.errors import Conflict
-
-    with pytest.raises(Conflict, match="already cancelled"):
-        crud.cancel_job(session, owner_id=make_job.owner_id, job_id=job.id)
-
-
-def test_requeue_or_fail_stale_jobs(session, make_job):
-    alive, stale, exhausted, cancelling = make_job(), make_job(), make_job(), make_job()
-    crud.claim_job(session, job_id=alive.id, worker_id="w", lease_seconds=60)
-    for job in (stale, exhausted, cancelling):
-        crud.claim_job(session, job_id=job.id, worker_id="w", lease_seconds=-1)
-    for _ in range(2):  # two more lost workers for "exhausted": attempts 3
-        crud.claim_job(session, job_id=exhausted.id, worker_id="w", lease_seconds=-1)
-    crud.cancel_job(session, owner_id=make_job.owner_id, job_id=cancelling.id)
-
-    requeued, failed = crud.requeue_or_fail_stale_jobs(session, max_attempts=3)
-    assert requeued == [stale.id] and failed == [exhausted.id]
-    states = {j.id: crud.get_job(session, job_id=j.id) for j in (alive, stale, exhausted, cancelling)}
-    assert states[alive.id].status == "running"
-    assert states[stale.id].status == "queued" and states[stale.id].lease_owner is None
-    assert states[exhausted.id].status == "failed" and states[exhausted.id].error == "worker lost 3 times"
-    assert states[cancelling.id].status == "cancelled"
-    # The requeued job can be claimed again (attempt 2); a second sweep finds nothing.
-    assert crud.claim_job(session, job_id=stale.id, worker_id="w9", lease_seconds=30).attempts == 2
-    assert crud.requeue_or_fail_stale_jobs(session, max_attempts=3) == ([], [])
-
-
-def test_requeue_respects_now(session, make_job):
-    job = make_job()
-    crud.claim_job(session, job_id=job.id, worker_id="w", lease_seconds=30)
-    assert crud.requeue_or_fail_stale_jobs(session, max_attempts=3) == ([], [])
-    later = utcnow() + timedelta(seconds=31)
-    assert crud.requeue_or_fail_stale_jobs(session, now=later, max_attempts=3) == ([job.id], [])
-
-
-def test_list_queued_job_ids(session, make_job):
-    a, b = make_job(), make_job()
-    crud.claim_job(session, job_id=b.id, worker_id="w", lease_seconds=30)
-    assert crud.list_queued_job_ids(session, older_than_seconds=3600) == []
-    assert crud.list_queued_job_ids(session, older_than_seconds=0) == [a.id]
-
-
-def test_metric_points_and_artifacts(session, make_job):
-    job = make_job()
-    stored = crud.add_metric_points(session, job_id=job.id, points=[("loss", 1, 2.0), ("loss", 2, float("inf")), ("lr", 1, 0.1)])
-    assert stored == 2
-    series = crud.get_metrics(session, job_id=job.id)
-    assert series["loss"]["steps"] == [1] and series["lr"]["values"] == [0.1]
-    crud.add_artifact(session, job_id=job.id, name="metrics.json", path="/x", size=3, sha256="a" * 64)
-    crud.add_artifact(session, job_id=job.id, name="metrics.json", path="/y", size=4, sha256="b" * 64)
-    (artifact,) = crud.list_artifacts(session, job_id=job.id)
-    assert (artifact.path, artifact.size) == ("/y", 4)
-
-
-@pytest.mark.parametrize("queued", [True, False], ids=["queued", "expired-running"])
-def test_concurrent_claims_have_one_winner(session_factory, make_job, queued):
-    job = make_job()
-    if not queued:
-        with session_factory() as s:
-            crud.claim_job(s, job_id=job.id, worker_id="lost", lease_seconds=-1)
-    barrier = threading.Barrier(2)
-    results: dict[str, object] = {}
-
-    def worker(name: str) -> None:
-        with session_factory() as s:
-            barrier.wait()
-            results[name] = crud.claim_job(s, job_id=job.id, worker_id=name, lease_seconds=30)
-
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    winners = [name for name, claimed in results.items() if claimed is not None]
-    assert len(results) == 2 and len(winners) == 1
-    with session_factory() as s:
-        final = crud.get_job(s, job_id=job.id)
-    assert final.lease_owner == winners[0] and final.attempts == (1 if queued else 2)
+    assert not crud.set_job_status(session, job_id=job.id, status=JobStatus.SUCCEEDED)  # queued -/-> succeeded
+    assert not crud.set_job_status(session, job_id=job.id, status=JobStatus.CANCELLED, where=[Job.attempts > 0])
+    assert crud.set_job_status(session, job_id=job.id, status=JobStatus.CANCELLED, error="x")
+    session.commit()
+    cancelled = crud.get_owned_job(session, owner_id=make_job.owner_id, job_id=job.id)
+    assert cancelled.status == "cancelled" and cancelled.error == "x"
+    assert not crud.set_job_status(session, job_id=job.id, status=JobStatus.QUEUED)  # terminal: nothing moves it
+    session.rollback()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.storage import Storage, UnsafeArchive, UploadTooLarge, extract_zip, sha256_file, write_stream
+from gid_core.fileio import sha256_file
+from service.storage import Storage, UnsafeArchive, UploadTooLarge, extract_zip, write_stream
 
 LIMITS = dict(max_members=100, max_total_bytes=10_000_000, max_ratio=200.0)
 

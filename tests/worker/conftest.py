@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from gid.embedded import EmbeddedStack
 from gid_core.config import SyntheticDatasetConfig
+from gid_core.processes import free_port
 from gid_core.synthetic import make_synthetic_dataset
 from service.core.db import make_engine, make_session_factory
-from service.embedded import EmbeddedStack, free_port
 from tests.worker.helpers import LEASE_SECONDS, NUM_CLASSES, Api
 
 STACK_ENV = {

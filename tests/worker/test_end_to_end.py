@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from gid_core.config import ModelConfig
 from gid_core.export import load_export
+from gid_core.fileio import sha256_file
 from gid_core.models import build_detector
-from service.storage import sha256_file
 from tests.worker.helpers import NUM_CLASSES, job_body
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def gid(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "GID_URL": stack.url, "GID_TOKEN": stack.token}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gid", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -1,61 +1,15 @@
-"""The ``gid`` command line: clear errors with exit codes, against the real API where one is needed."""
+"""The ``gid`` command line against the real API: HTTP errors name the field, the status and the fix.
+
+(Its checks that need no server are in ``tests/gid/test_commands.py``.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.embedded import free_port
-
-
-def run_gid(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GID_")}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def test_bad_job_files_are_refused_before_any_request(tmp_path: Path, capsys):
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: no request may be needed
-    cases = {
-        "missing.json": None,
-        "broken.json": "{not json",
-        "broken.yaml": "kind: [train",
-        "list.yaml": "- kind: train\n",
-    }
-    expected = {
-        "missing.json": "cannot read",
-        "broken.json": "is not valid JSON",
-        "broken.yaml": "is not valid YAML",
-        "list.yaml": "expected a mapping",
-    }
-    for name, text in cases.items():
-        path = tmp_path / name
-        if text is not None:
-            path.write_text(text)
-        assert main(["submit", str(path), "--url", url, "--token", "t"]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and expected[name] in err and name in err, err
-
-
-def test_missing_token_and_unreachable_server(tmp_path: Path, capsys):
-    assert main(["status", "abc", "--data-dir", str(tmp_path)]) == 1
-    assert "no API token" in capsys.readouterr().err
-    url = f"http://127.0.0.1:{free_port()}"
-    assert main(["status", "abc", "--url", url, "--token", "t"]) == 1
-    assert f"cannot reach the GID API at {url}" in capsys.readouterr().err
-
-
-def test_usage_errors_exit_2():
-    assert run_gid("download", "-o", "x").returncode == 2
-    out = run_gid("download", "job", "--model", "m", "-o", "x")
-    assert out.returncode == 2 and "one of them" in out.stderr
-    assert run_gid("frobnicate").returncode == 2
+from tests.gid.helpers import run_gid
 
 
 @pytest.mark.slow

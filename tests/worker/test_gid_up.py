@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.embedded import free_port
+from gid_core.processes import free_port
 from tests.worker.helpers import processes_in
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GID_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        [sys.executable, "-m", "gid", "up", "--data-dir", str(data_dir), "--port", str(port)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )
     lines: list[str] = []
@@ -84,6 +84,6 @@ def test_gid_up_refuses_a_busy_port(tmp_path: Path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "service.cli", "up", "--data-dir", str(tmp_path), "--port",
+        out = subprocess.run([sys.executable, "-m", "gid", "up", "--data-dir", str(tmp_path), "--port",
                               str(port)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"port {port} is already in use" in out.stderr

