@@ -166,7 +166,7 @@ def time_parts(distiller: GIDDistiller, images: list[Tensor], targets: list[dict
     def gism():
         return select_general_instances_batched(
             t_out.probs, t_out.boxes, s_out.probs, s_out.boxes, top_k=cfg.top_k, nms_iou=cfg.nms_iou,
-            pre_nms_top_n=cfg.pre_nms_top_n, min_size=cfg.min_box_size,
+            pre_nms_top_n=cfg.pre_nms_top_n, min_size=distiller.gi_min_box_size,
         )
 
     times["gism"], gis = timed(gism, device)

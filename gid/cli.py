@@ -3,7 +3,7 @@
 Running::
 
     gid up [--data-dir DIR] [--port PORT]    Redis + API + one worker under DIR (Ctrl-C stops all)
-    gid serve [--host H] [--port P]          the API alone (settings from GID_* variables)
+    gid serve [--host H] [--port P] [--workers N]   the API alone (settings from GID_* variables)
     gid worker                               one worker node (Celery, one job at a time)
     gid admin create-token --owner NAME      print a new API token for NAME
 
@@ -210,7 +210,15 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    job = client_of(args).cancel_job(args.job_id)
+    client = client_of(args)
+    try:
+        job = client.cancel_job(args.job_id)
+    except ApiError as e:
+        # 409: the job already ended. Cancelling it again asks for what is already so: not an error.
+        if e.status_code != 409 or (job := client.get_job(args.job_id))["status"] != JobStatus.CANCELLED:
+            raise
+        info(f"job {job['id']}: already cancelled")
+        return 0
     info(f"job {job['id']}: {'cancel requested' if job['status'] == JobStatus.RUNNING else job['status']}")
     return 0
 
@@ -266,10 +274,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         _announce(stack)
         while True:
-            dead = stack.check_children()
-            if dead is not None:
-                fail(f"{dead.name} exited unexpectedly (code {dead.process.returncode}); "
-                     f"last lines of {dead.log_path}:\n{dead.last_log_lines()}")
+            for message in stack.heal():  # restarts a dead child; StackError when that keeps failing
+                info(message)
             time.sleep(0.5)
     except KeyboardInterrupt:
         info("stopping ...")
@@ -314,8 +320,13 @@ def _announce(stack: EmbeddedStack) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.core.config import settings
+
+    # Several processes need the app as an import string (uvicorn imports it in each one); each
+    # builds its own engine and pools, and start-up migrations are serialised (service.migrate).
+    workers = args.workers or settings.api_workers
     uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level.lower(), proxy_headers=True)
+                log_level=args.log_level.lower(), proxy_headers=True, workers=workers)
     return 0
 
 
@@ -332,11 +343,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_create_token(args: argparse.Namespace) -> int:
-    from service.admin import create_token
+    from service.admin import DatabaseNotFound, create_token
 
     try:
-        token = create_token(args.owner)
-    except ValueError as e:
+        token = create_token(args.owner, init=args.init)
+    except (ValueError, DatabaseNotFound) as e:
         fail(str(e))
     info(f"new API token for owner '{args.owner}' (shown once):")
     print(token, flush=True)
@@ -362,11 +373,19 @@ def _add_up(commands: Commands) -> None:
     p.set_defaults(func=cmd_up)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_serve(commands: Commands) -> None:
     p = commands.add_parser("serve", help="run the API (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=_positive_int, help="API processes (env GID_API_WORKERS; default: CPU cores)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -381,6 +400,8 @@ def _add_admin(commands: Commands) -> None:
     admin = commands.add_parser("admin", help="administration").add_subparsers(dest="admin_command", required=True)
     p = admin.add_parser("create-token", help="create an owner (if needed) and print a new API token")
     p.add_argument("--owner", required=True)
+    p.add_argument("--init", action="store_true",
+                   help="create and migrate the database if it does not exist (by default: refuse)")
     p.set_defaults(func=cmd_create_token)
 
 

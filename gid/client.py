@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -163,34 +163,52 @@ class Client:
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs).json()
 
-    def download(self, path: str, dest: Path) -> tuple[int, str]:
+    def download(self, path: str, dest: Path, *, resume_attempts: int = 5) -> tuple[int, str]:
         """Stream ``path`` to ``dest`` (all or nothing), checking its sha256 against the ETag.
-        Returns (size in bytes, sha256 hex digest)."""
+        Returns (size in bytes, sha256 hex digest).
+
+        A connection lost mid-way is resumed where it stopped (``Range`` with ``If-Range``, so a
+        file that changed meanwhile is sent whole again), up to ``resume_attempts`` times."""
         dest = Path(dest).expanduser()
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")
-        digest, size = hashlib.sha256(), 0
+        progress = _Download()
         try:
-            with self.http.stream("GET", path) as response:
-                if response.is_error:
-                    response.read()
-                    raise ApiError.from_response(response)
-                with open(tmp, "wb") as f:
-                    for chunk in response.iter_bytes(1 << 20):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                etag = response.headers.get("etag", "").strip('"')
-            if etag and etag != digest.hexdigest():
-                raise ClientError(f"download of {path} is corrupt: sha256 {digest.hexdigest()} != {etag}")
+            with open(tmp, "wb") as f:
+                for attempt in range(resume_attempts + 1):
+                    try:
+                        self._download_from(path, f, progress)
+                        break
+                    except httpx.TransportError:
+                        if attempt == resume_attempts or not progress.etag:
+                            raise  # nothing to resume against without an ETag
+                f.flush()
+                os.fsync(f.fileno())
+            if progress.etag and progress.etag != progress.digest.hexdigest():
+                raise ClientError(f"download of {path} is corrupt: sha256 {progress.digest.hexdigest()} != "
+                                  f"{progress.etag}")
             os.replace(tmp, dest)
         except httpx.HTTPError as e:
             raise self._transport_error(e, "GET", path) from e
         finally:
             tmp.unlink(missing_ok=True)
-        return size, digest.hexdigest()
+        return progress.size, progress.digest.hexdigest()
+
+    def _download_from(self, path: str, f: BinaryIO, progress: "_Download") -> None:
+        """One GET of ``path`` appending to ``f`` from ``progress.size`` on."""
+        headers = {"Range": f"bytes={progress.size}-", "If-Range": f'"{progress.etag}"'} if progress.size else {}
+        with self.http.stream("GET", path, headers=headers) as response:
+            if response.is_error:
+                response.read()
+                raise ApiError.from_response(response)
+            if progress.size and response.status_code != 206:  # the whole file again: start over
+                f.seek(0)
+                f.truncate()
+                progress.restart()
+            progress.etag = response.headers.get("etag", "").strip('"') or None
+            for chunk in response.iter_bytes():  # as received: what arrived before a cut counts
+                f.write(chunk)
+                progress.add(chunk)
 
     def _transport_error(self, error: httpx.HTTPError, method: str, path: str) -> ClientError:
         if isinstance(error, httpx.ConnectError):
@@ -236,6 +254,21 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(job, timeout)
             time.sleep(interval)
+
+
+class _Download:
+    """What a download has received so far: bytes, their running sha256, the file's ETag."""
+
+    def __init__(self) -> None:
+        self.restart()
+        self.etag: str | None = None
+
+    def restart(self) -> None:
+        self.size, self.digest = 0, hashlib.sha256()
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.digest.update(chunk)
 
 
 def _read_stripped(path: Path) -> str | None:

@@ -17,13 +17,25 @@ waiting for each and killing what does not exit in time. A job that was running 
 lease expires and the reaper requeues it when the stack is up again; it resumes from its newest
 checkpoint. Every child also dies if this process is killed (``PR_SET_PDEATHSIG``).
 
+One stack per data directory: ``start()`` takes an exclusive lock on ``<data_dir>/gid-up.lock``
+(``flock``, held until ``stop()`` or this process ends), so a second ``gid up`` refuses instead of
+running a second Redis on the same append-only file.
+
+``heal()`` (``gid up`` calls it twice a second) restarts a child that died, after a back-off that
+doubles with each recent restart, and gives up (``StackError``) after ``MAX_RESTARTS`` within
+``RESTART_WINDOW_SECONDS``. The API keeps serving meanwhile. The jobs a dead worker held are
+requeued at once (``leases.requeue_jobs_of_worker`` by its node name), not a lease period later,
+and they keep their place ahead of jobs submitted after them (``leases.claim_next_job``).
+
 The children are this package's own commands (``python -m gid serve | worker | admin``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -44,6 +56,10 @@ from gid_core.processes import die_with_parent, free_port, kill_process_group
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_OWNER = "local"
 LOG_TAIL_LINES = 20
+LOCK_FILE = "gid-up.lock"
+MAX_RESTARTS = 5  # of one child within the window; then `gid up` gives up and stops
+RESTART_WINDOW_SECONDS = 600.0
+MAX_BACKOFF_SECONDS = 30.0
 
 
 class StackError(RuntimeError):
@@ -119,6 +135,8 @@ class EmbeddedStack:
     children: dict[str, Child] = field(default_factory=dict)
     token: str | None = None
     token_created: bool = False
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # monotonic times of recent restarts
+    _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().absolute()
@@ -158,7 +176,9 @@ class EmbeddedStack:
             PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
             PYTHONUNBUFFERED="1",
         )
-        for key in ("GID_SECRET_KEY",):  # keep a key the user set: tokens are hashed with it
+        # Keep what the user set: the key hashes the tokens; the API process count (`gid serve`
+        # reads GID_API_WORKERS, default: cores).
+        for key in ("GID_SECRET_KEY", "GID_API_WORKERS"):
             if key in os.environ:
                 env[key] = os.environ[key]
         env.update(self.extra_env)
@@ -166,21 +186,44 @@ class EmbeddedStack:
 
     # ------------------------------------------------------------------ start
 
+    @property
+    def worker_node(self) -> str:
+        """The worker's Celery node name: the prefix of its leases' owner ids."""
+        return f"gid-local-{self.port}@{socket.gethostname()}"
+
     def start(self) -> "EmbeddedStack":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
-        if port_in_use(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1", self.port):
-            raise StackError(f"port {self.port} is already in use: pass another --port")
+        self._lock_data_dir()
         try:
-            self._start_redis()
-            self._start_api()
-            self._ensure_token()
-            if self.with_worker:
-                self.start_worker()
-            (self.data_dir / URL_FILE).write_text(self.url + "\n")
+            return self._start_children()
         except BaseException:
             self.stop()
             raise
+
+    def _lock_data_dir(self) -> None:
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StackError(f"another `gid up` (pid {holder}) is running on {self.data_dir}: stop it first, "
+                             "or pass another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _start_children(self) -> "EmbeddedStack":
+        if port_in_use(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1", self.port):
+            raise StackError(f"port {self.port} is already in use: pass another --port")
+        self._start_redis()
+        self._start_api()
+        self._ensure_token()
+        if self.with_worker:
+            self.start_worker()
+        (self.data_dir / URL_FILE).write_text(self.url + "\n")
         return self
 
     def _spawn(self, name: str, cmd: list[str], *, stop_signals, pdeathsig: int = signal.SIGTERM) -> Child:
@@ -264,7 +307,7 @@ class EmbeddedStack:
         """Start the worker (again); returns when it consumes the job queue."""
         log_path = self.logs_dir / "worker.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        cmd = [sys.executable, "-m", "gid", "worker", "--hostname", f"gid-local-{self.port}@%h"]
+        cmd = [sys.executable, "-m", "gid", "worker", "--hostname", self.worker_node]
         # Warm shutdown first (stop taking jobs), then cold (SIGQUIT: terminate the running job,
         # which resumes from its checkpoint next time), then SIGKILL. If this process dies, the
         # worker is killed outright (Redis may be gone too, and a cold shutdown would wait for it);
@@ -298,11 +341,65 @@ class EmbeddedStack:
             child = self.children.pop(name, None)
             if child is not None:
                 child.stop()
-        (self.data_dir / URL_FILE).unlink(missing_ok=True)
+        if self._lock_fd is not None:  # only the stack holding the lock owns the url file
+            (self.data_dir / URL_FILE).unlink(missing_ok=True)
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def check_children(self) -> Child | None:
         """The first child that exited unexpectedly, if any."""
         return next((c for c in self.children.values() if not c.alive()), None)
+
+    # ------------------------------------------------------------------ healing
+
+    def heal(self) -> list[str]:
+        """Restart each child that died, once its back-off has passed; returns what was done (for
+        the user). Raises ``StackError`` when a child died more than ``MAX_RESTARTS`` times within
+        ``RESTART_WINDOW_SECONDS``: something is wrong that restarting does not fix."""
+        done = []
+        for name in ("redis", "api", "worker"):  # Redis first: the others need it
+            child = self.children.get(name)
+            if child is None or child.alive():
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_SECONDS]
+            if len(recent) >= MAX_RESTARTS:
+                raise StackError(f"{name} died {len(recent) + 1} times in {RESTART_WINDOW_SECONDS:.0f} s; "
+                                 f"last lines of {child.log_path}:\n{child.last_log_lines()}")
+            backoff = min(2.0 ** len(recent) - 1, MAX_BACKOFF_SECONDS)  # 0, 1, 3, 7, 15 s
+            if now - (recent[-1] if recent else -math.inf) < backoff:
+                continue
+            self.restarts[name] = [*recent, now]
+            done.append(f"{name} exited with code {child.process.returncode}; restarting it "
+                        f"(restart {len(recent) + 1} of {MAX_RESTARTS})")
+            self._restart(name, child)
+        return done
+
+    def _restart(self, name: str, child: Child) -> None:
+        kill_process_group(child.process, grace_seconds=0)  # leftovers, such as a pool process
+        if name == "redis":
+            self._start_redis()
+        elif name == "api":
+            self._start_api()
+        else:
+            self.requeue_dead_worker_jobs()
+            self.start_worker()
+
+    def requeue_dead_worker_jobs(self) -> list[str]:
+        """Send the jobs our dead worker held back to the queue now, each with a new message."""
+        from service import leases
+        from service.core.db import make_engine, make_session_factory, session_scope
+        from service.queue import enqueue_job
+
+        engine = make_engine(self.database_url)
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                job_ids = leases.requeue_jobs_of_worker(session, worker_prefix=f"{self.worker_node}:")
+        finally:
+            engine.dispose()
+        for job_id in job_ids:  # a failed send is retried by the reaper's sweep
+            enqueue_job(job_id, broker_url=self.redis_url)
+        return job_ids
 
     def __enter__(self) -> "EmbeddedStack":
         return self.start()

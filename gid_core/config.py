@@ -24,9 +24,11 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigFileError, Loc, Problem
@@ -34,15 +36,32 @@ from .errors import ConfigFileError, Loc, Problem
 Arch = Literal["retinanet", "fcos", "fasterrcnn"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
 Norm = Literal["bn", "frozen_bn", "gn"]
+Variant = Literal["v1", "v2"]
+FpnLayout = Literal["aligned", "torchvision_mobilenet"]
+InitMode = Literal["strict", "backbone_and_box"]
 
 ARCHS: tuple[str, ...] = Arch.__args__  # type: ignore[attr-defined]
 BACKBONES: tuple[str, ...] = Backbone.__args__  # type: ignore[attr-defined]
 
+# Bounds that hold for any run on any machine (a deployment narrows them: the service's "job
+# limits" settings). Beyond them the engine fails or the value is meaningless.
+FPN_LEVELS = 5  # every arch here: P3-P7 (RetinaNet, FCOS) or P2-P6 (Faster R-CNN)
+MAX_IMAGE_SIDE = 8192
+MAX_ITERATIONS = 2**31 - 1  # iteration numbers are stored as 32-bit integers (metric steps)
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits, and the engine adds the rank and the epoch
+MAX_BATCH_SIZE = 4096
+MAX_KEEP_CHECKPOINTS = 100
+# torchvision's AnchorGenerator rounds half-sides: a size-1 anchor has zero height (an infinite box loss)
+AnchorSize = Annotated[int, Field(ge=2, le=MAX_IMAGE_SIDE)]
+Iterations = Annotated[int, Field(ge=1, le=MAX_ITERATIONS)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
 
 class StrictModel(BaseModel):
-    """The base of every config and request body: an unknown field is an error, never ignored."""
+    """The base of every config and request body: an unknown field is an error, never ignored, and
+    so is a NaN or infinite float (no training setting means anything non-finite)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -54,15 +73,118 @@ class ModelConfig(StrictModel):
     fpn_channels: int = Field(256, ge=8, le=1024)
     norm: Norm = Field("bn", description="backbone normalisation: bn, frozen_bn or gn (32 groups)")
     min_size: int = Field(800, ge=32, le=4096, description="shorter image side after resize")
-    max_size: int = Field(1333, ge=32, le=8192, description="longer image side cap after resize")
-    anchor_sizes: list[int] | None = Field(
+    max_size: int = Field(1333, ge=32, le=MAX_IMAGE_SIDE, description="longer image side cap after resize")
+    anchor_sizes: list[AnchorSize] | None = Field(
         None,
-        description="base anchor size per FPN level (RetinaNet/Faster R-CNN) or the FCOS "
-        "per-level scale; None keeps torchvision's defaults (32..512)",
+        description=f"base anchor size of each of the {FPN_LEVELS} FPN levels (RetinaNet/Faster R-CNN) or "
+        "the FCOS per-level scale; None keeps torchvision's defaults (32..512)",
     )
     weights: str | None = Field(
-        None, description="local state_dict (.safetensors or .pt/.pth, loaded weights_only)"
+        None,
+        description="local state_dict (.safetensors or .pt/.pth, loaded weights_only), or a torchvision "
+        "detector's weights by name: 'torchvision:<WeightsEnum>.<member>' (see gid_core.weights)",
     )
+    # torchvision's recipes and pretrained starts (gid_core.weights.model_config_for fills these in
+    # for a published detector; the defaults are the project's own v1 layout, trained from scratch)
+    variant: Variant = Field(
+        "v1",
+        description="v1: the layout of torchvision's original builders; v2: retinanet_resnet50_fpn_v2 "
+        "(GroupNorm head, P6 from C5, GIoU loss) or fasterrcnn_resnet50_fpn_v2 (BatchNorm FPN and box "
+        "head, two-conv RPN head)",
+    )
+    fpn_layout: FpnLayout = Field(
+        "aligned",
+        description="aligned: FPN levels at ResNet strides for every backbone (P3-P7 / P2-P6); "
+        "torchvision_mobilenet: fasterrcnn_mobilenet_v3_large_fpn's two stride-32 maps + pool, "
+        "five anchor sizes per map",
+    )
+    frozen_bn_eps: float = Field(
+        1e-5, ge=0.0, le=1.0,
+        description="eps of FrozenBatchNorm2d layers (torchvision's COCO_V1 R50 RetinaNet and Faster R-CNN use 0)",
+    )
+    backbone_weights: str | None = Field(
+        None,
+        description="torchvision ImageNet weights of the backbone body, e.g. "
+        "'torchvision:ResNet50_Weights.IMAGENET1K_V2' (from torch's hub cache); FPN and heads start "
+        "fresh. Implies norm 'frozen_bn' unless norm is given",
+    )
+    trainable_backbone_layers: int | None = Field(
+        None, ge=0, le=6,
+        description="backbone stages left trainable, counted from the top (ResNet 0-5, MobileNetV3 0-6); "
+        "None: torchvision's 3 with backbone_weights, else all",
+    )
+    init_mode: InitMode = Field(
+        "strict",
+        description="strict: weights must fit every tensor; backbone_and_box: keep backbone, FPN and the "
+        "box branch where shapes fit, start a fresh classification head (weights of another class count)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_backbone_norm(cls, data: Any) -> Any:
+        # torchvision's recipe: a pretrained backbone keeps its ImageNet BN statistics frozen
+        if isinstance(data, dict) and data.get("backbone_weights") and "norm" not in data:
+            data = {**data, "norm": "frozen_bn"}
+        return data
+
+    @field_validator("variant")
+    @classmethod
+    def _variant_exists(cls, variant: str, info: ValidationInfo) -> str:
+        arch, fpn = info.data.get("arch"), info.data.get("fpn_channels")
+        if variant == "v2" and arch == "fcos":
+            raise ValueError("torchvision has no v2 recipe for fcos")
+        if variant == "v2" and arch == "retinanet" and fpn is not None and fpn % 32:
+            raise ValueError(f"retinanet v2's GroupNorm head needs fpn_channels ({fpn}) to be a multiple of 32")
+        return variant
+
+    @field_validator("fpn_layout")
+    @classmethod
+    def _layout_fits(cls, layout: str, info: ValidationInfo) -> str:
+        d = info.data
+        if layout == "torchvision_mobilenet" and (
+            d.get("arch") != "fasterrcnn" or d.get("backbone") != "mobilenet_v3_large"
+            or d.get("variant") != "v1" or d.get("anchor_sizes") is not None
+        ):
+            raise ValueError(
+                "torchvision_mobilenet is fasterrcnn_mobilenet_v3_large_fpn's layout: arch fasterrcnn, "
+                "backbone mobilenet_v3_large, variant v1 and its own anchors (anchor_sizes None)"
+            )
+        return layout
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _backbone_weights_fit(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is not None and not name.startswith("torchvision:"):
+            # names only: they resolve inside torch's hub cache, never to an arbitrary path
+            raise ValueError("expected a torchvision weights name, e.g. 'torchvision:ResNet50_Weights.IMAGENET1K_V2'")
+        if name is not None and info.data.get("weights") is not None:
+            raise ValueError("give weights (a whole detector) or backbone_weights, not both")
+        if name is not None and info.data.get("norm") == "gn":
+            raise ValueError("ImageNet backbones are BatchNorm networks: use norm 'frozen_bn' or 'bn'")
+        return name
+
+    @field_validator("trainable_backbone_layers")
+    @classmethod
+    def _stages_exist(cls, layers: int | None, info: ValidationInfo) -> int | None:
+        backbone = info.data.get("backbone")
+        if layers is not None and layers > 5 and backbone != "mobilenet_v3_large":
+            raise ValueError(f"{backbone} has 5 stages: trainable_backbone_layers must be 0-5")
+        return layers
+
+    @field_validator("init_mode")
+    @classmethod
+    def _init_needs_weights(cls, mode: str, info: ValidationInfo) -> str:
+        if mode != "strict" and info.data.get("weights") is None:
+            raise ValueError(f"init_mode {mode!r} initialises from weights: set weights")
+        return mode
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _one_anchor_size_per_level(cls, sizes: list[int] | None) -> list[int] | None:
+        # torchvision's AnchorGenerator needs one size per feature map, or fails in the first step
+        if sizes is not None and len(sizes) != FPN_LEVELS:
+            raise ValueError(f"one size per FPN level: the detectors have {FPN_LEVELS} FPN levels, got {len(sizes)} sizes")
+        return sizes
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "ModelConfig":
@@ -75,8 +197,6 @@ class ModelConfig(StrictModel):
             # torchvision's FCOS head hard-codes GroupNorm(32, C); one channel per group breaks on
             # the 1x1 P7 map of small images.
             raise ValueError(f"fpn_channels ({self.fpn_channels}) must be a multiple of 32 and >= 64 for fcos")
-        if self.anchor_sizes is not None and any(s <= 0 for s in self.anchor_sizes):
-            raise ValueError("anchor_sizes must be positive")
         return self
 
 
@@ -95,21 +215,31 @@ class DataConfig(StrictModel):
         return self
 
 
+REFERENCE_MIN_SIZE = 800  # the input size GID's reference settings are given at
+
+
 class DistillConfig(StrictModel):
     """GID settings. Defaults are the authors' reference configuration (Dai et al., CVPR 2021)."""
 
     # GISM
     top_k: int = Field(10, ge=1, le=1000, description="general instances kept per image")
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
-    pre_nms_top_n: int = Field(3000, ge=1)
-    min_box_size: float = Field(0.0, ge=0.0, description="drop GI candidates with a shorter side")
+    pre_nms_top_n: int = Field(3000, ge=1, le=100_000)
+    min_box_size: float | None = Field(
+        None, ge=0.0,
+        description="drop GI candidates with a shorter side (px of the resized input); None: the "
+        "reference's 10 px at 800 px, scaled with the student's min_size. Degenerate boxes are always dropped",
+    )
     # Instance features
     roi_output_size: int = Field(10, ge=1, le=64)
-    roi_sampling_ratio: int = Field(2, ge=0)
-    roi_canonical_scale: float = Field(
-        224.0, gt=0, description="FPN level mapping: a box of this side goes to canonical_level"
+    # roi_align takes ratio**2 samples per output cell (0: adaptive)
+    roi_sampling_ratio: int = Field(2, ge=0, le=16)
+    roi_canonical_scale: float | None = Field(
+        None, gt=0,
+        description="FPN level mapping: a box of this side goes to canonical_level; None: 224 at "
+        "800 px, scaled with the student's min_size (224 * min_size / 800)",
     )
-    roi_canonical_level: int = Field(4, ge=0)
+    roi_canonical_level: int = Field(4, ge=0, le=16)  # levels are clamped to the pyramid
     # Loss weights (0 switches a loss off)
     weight_gt: float = Field(1.0, ge=0.0)
     weight_feature: float = Field(5e-4, ge=0.0)
@@ -121,16 +251,27 @@ class DistillConfig(StrictModel):
     use_relation: bool = True
     use_response: bool = True
 
+    def gi_min_box_size(self, input_min_size: int) -> float:
+        """``min_box_size``, or the reference's 10 px at 800 px scaled to the student's input."""
+        return self.min_box_size if self.min_box_size is not None else 10.0 * input_min_size / REFERENCE_MIN_SIZE
+
+    def roi_scale(self, input_min_size: int) -> float:
+        """``roi_canonical_scale``, or ROIAlign's 224 px at 800 px scaled to the student's input, so
+        a GI pools from the same FPN level whatever the input size."""
+        if self.roi_canonical_scale is not None:
+            return self.roi_canonical_scale
+        return 224.0 * input_min_size / REFERENCE_MIN_SIZE
+
 
 class Hyperparameters(StrictModel):
     """Optimisation, schedule, data and bookkeeping settings of one training run."""
 
-    max_iters: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1, description="global batch: split evenly across devices")
+    max_iters: Iterations = 1000
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="global batch: split evenly across devices")
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_iters: int = Field(100, ge=0)
+    warmup_iters: int = Field(100, ge=0, le=MAX_ITERATIONS)
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
     schedule: Literal["step", "cosine", "constant"] = "step"
     steps: list[float] = Field(
@@ -143,11 +284,11 @@ class Hyperparameters(StrictModel):
     sync_batchnorm: bool = Field(True, description="SyncBatchNorm when DDP runs on CUDA")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     num_workers: int = Field(2, ge=0, le=64)
-    seed: int = 0
-    log_period: int = Field(10, ge=1)
-    checkpoint_period: int = Field(500, ge=1)
-    eval_period: int | None = Field(None, ge=1, description="evaluate every N iters (and at the end)")
-    keep_checkpoints: int = Field(2, ge=1)
+    seed: Seed = 0
+    log_period: Iterations = 10
+    checkpoint_period: Iterations = 500
+    eval_period: Iterations | None = Field(None, description="evaluate every N iters (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_KEEP_CHECKPOINTS)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
@@ -188,7 +329,7 @@ class SyntheticDatasetConfig(StrictModel):
     num_classes: int = Field(8, ge=1, le=10)
     min_objects: int = Field(1, ge=0)
     max_objects: int = Field(10, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check_counts(self) -> "SyntheticDatasetConfig":
@@ -217,7 +358,8 @@ STUDENT_CLASSES: Loc = ("student", "num_classes")
 
 
 def teacher_problems(kind: str, student: ModelConfig, teacher: ModelConfig | None) -> list[Problem]:
-    """A distillation has a trained teacher of the student's arch; a training job has no teacher."""
+    """A distillation has a trained teacher of the student's arch and input size, loaded whole; a
+    training job has no teacher."""
     if kind != "distill":
         return [] if teacher is None else [Problem(("teacher",), "only allowed when kind is 'distill'")]
     if teacher is None:
@@ -231,6 +373,16 @@ def teacher_problems(kind: str, student: ModelConfig, teacher: ModelConfig | Non
             f"teacher.arch ({teacher.arch}) != student.arch ({student.arch}): "
             "GID matches dense predictions one to one",
         ))
+    for name in ("min_size", "max_size"):
+        t, s = getattr(teacher, name), getattr(student, name)
+        if t != s:  # refused rather than silently ignored
+            problems.append(Problem(
+                ("teacher", name),
+                f"teacher.{name} ({t}) != student.{name} ({s}): the teacher sees the student's resized "
+                f"images, so set the teacher's {name} to the student's",
+            ))
+    if teacher.init_mode != "strict":
+        problems.append(Problem(("teacher", "init_mode"), "a teacher loads all of its trained weights: use 'strict'"))
     return problems
 
 

@@ -24,6 +24,10 @@ such as::
 * Horizontal flip (``train=True`` only) is decided by ``random.Random(aug_seed)`` when the key is
   ``(index, aug_seed)``, so a resumed run replays exactly the same augmentations; a plain integer
   key draws from the process-global ``random`` module (seeded per worker by the DataLoader).
+
+Image files are opened by :func:`open_image_file`, which follows no symbolic link below the images
+folder: every file a dataset reads is a regular file inside that folder, at validation and at
+every later read (a link swapped in after a service registered the dataset is refused, not read).
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import errno
 import math
+import os
 import random
+import stat
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import Loc, Problem, ProblemsError
 
@@ -47,6 +54,7 @@ __all__ = [
     "DatasetValidationError",
     "MAX_REPORTED_PROBLEMS",
     "label_order",
+    "open_image_file",
     "collate_detection",
     "resized_hw",
     "rescale_boxes",
@@ -156,20 +164,72 @@ def _check_images(images_list: list, images_dir: Path, problems: list[Problem]) 
         width, height = img["width"], img["height"]
         sizes[img["id"]] = (width, height)
         if check_files:
-            _check_image_file(images_dir / file_name, file_name, (width, height), where, problems)
+            _check_image_file(images_dir, file_name, (width, height), where, problems)
     return sizes
 
 
+class UnsafeImageFile(OSError):
+    """The image path is a symbolic link, lies under one, or is not a regular file."""
+
+
+def open_image_file(images_dir: str | Path, file_name: str) -> BinaryIO:
+    """Open ``images_dir / file_name`` for reading, following no symbolic link below ``images_dir``.
+
+    Each folder and the file itself is opened relative to its parent with ``O_NOFOLLOW``, so no
+    link (at any depth, whatever it points to, and however recently swapped in) is followed.
+    Raises ``UnsafeImageFile`` for a link or a non-regular file (the same error whether or not a
+    link's target exists), ``FileNotFoundError`` when the file is missing.
+    """
+    parts = PurePosixPath(file_name).parts
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs us
+    dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            next_fd = _open_below(part, flags | os.O_DIRECTORY, dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        fd = _open_below(parts[-1], flags, dir_fd)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeImageFile(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _open_below(name: str, flags: int, dir_fd: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        # O_NOFOLLOW refuses a link as ELOOP, or as ENOTDIR where a folder was expected.
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+            raise UnsafeImageFile(errno.ELOOP, "symbolic link") from None
+        if e.errno == errno.ENOTDIR:
+            raise FileNotFoundError(errno.ENOENT, "no such file") from None
+        raise
+
+
 def _check_image_file(
-    path: Path, file_name: str, wh: tuple[int, int], where: str, problems: list[Problem]
+    images_dir: Path, file_name: str, wh: tuple[int, int], where: str, problems: list[Problem]
 ) -> None:
-    if not path.is_file():
-        problems.append(_image_problem(f"{where}: file '{file_name}' not found in {path.parent}"))
-        return
     try:
         # Image.open reads only the header: cheap even for big JPEGs.
-        with Image.open(path) as im:
+        with open_image_file(images_dir, file_name) as f, Image.open(f) as im:
             actual = im.size
+    except FileNotFoundError:
+        path = images_dir / file_name
+        problems.append(_image_problem(f"{where}: file '{file_name}' not found in {path.parent}"))
+        return
+    except UnsafeImageFile:
+        # One text for every case: the answer must not tell whether or where a link points.
+        problems.append(Problem(IMAGES_LOC, (
+            f"{where}: '{file_name}' is a symbolic link, lies under one, or is not a regular file: "
+            f"image files must be regular files inside the images folder (links are not followed)"
+        ), "unsafe_image_file"))
+        return
+    except UnidentifiedImageError:
+        problems.append(_image_problem(f"{where}: cannot read image '{file_name}': not a known image format"))
+        return
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         problems.append(_image_problem(f"{where}: cannot read image '{file_name}': {e}"))
         return
@@ -313,6 +373,9 @@ def _read_json(path: Path, problems: list[Problem]) -> Any:
     except json.JSONDecodeError as e:
         problems.append(_json_problem(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})"))
         return None
+    except RecursionError:
+        problems.append(_json_problem(f"{path}: invalid JSON: nested too deeply"))
+        return None
 
 
 def validate_coco_dataset(annotations: str | Path, images: str | Path) -> tuple[dict, list[Problem]]:
@@ -447,7 +510,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         for ann in data["annotations"]:
             anns_by_image.setdefault(ann["image_id"], []).append(ann)
         self.image_ids: list[int] = []
-        self._files: list[str] = []
+        self._files: list[str] = []  # file_name, relative to images_dir
         self._sizes: list[tuple[int, int]] = []  # original (h, w)
         self._boxes: list[np.ndarray] = []  # (n, 4) xyxy float32, original size
         self._labels: list[np.ndarray] = []  # (n,) int64
@@ -455,7 +518,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             h, w = int(img["height"]), int(img["width"])
             boxes, labels = self._targets_for(anns_by_image.get(img["id"], []), h, w)
             self.image_ids.append(int(img["id"]))
-            self._files.append(str(self.images_dir / img["file_name"]))
+            self._files.append(img["file_name"])
             self._sizes.append((h, w))
             self._boxes.append(boxes)
             self._labels.append(labels)
@@ -551,7 +614,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         h, w = self._sizes[index]
         path = self._files[index]
         try:
-            with Image.open(path) as im:
+            with open_image_file(self.images_dir, path) as f, Image.open(f) as im:
                 im = im.convert("RGB")
                 new_h, new_w = resized_hw(h, w, self.min_size, self.max_size)
                 if (new_h, new_w) != im.size[::-1]:

@@ -3,8 +3,8 @@
 GID compares teacher and student prediction by prediction, so it needs, for each detector family,
 the same four things on the same ``R`` anchors (or points):
 
-* ``probs``  (N, R, C')  class probabilities GISM scores,
-* ``boxes``  (N, R, 4)   decoded xyxy boxes GISM selects from,
+* ``probs``  (N, R, C')  class probabilities GISM scores (float32),
+* ``boxes``  (N, R, 4)   decoded xyxy boxes GISM selects from (float32),
 * ``logits`` (N, R, L) and ``reg`` (N, R, 4): raw head outputs the response loss distils,
 
 plus the FPN maps for ROIAlign and, for the student, its own ground-truth losses computed from the
@@ -25,6 +25,11 @@ Family choices:
 
 Class column 0 (background, unused by RetinaNet/FCOS since labels start at 1) is left out of
 ``probs`` so it never drives a GI score.
+
+Under mixed precision the heads return float16/bfloat16; torchvision's box coders decode in the
+dtype of the deltas (anchors included), which at float16 spaces coordinates above 2048 by 2 px and
+overflows ``exp`` of large deltas. Every view decodes and scores in float32 (``_f32``); the raw
+``logits``/``reg`` the losses read keep the autocast dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class DenseOutputs:
     logits: Tensor  # (N, R, L)
     reg: Tensor  # (N, R, 4)
     gt_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.to(torch.float32)
 
 
 def clip_boxes_batched(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
@@ -116,12 +125,13 @@ class RetinaNetView(DenseView):
         features = list(model.backbone(images.tensors).values())
         anchors = anchors_fn(images, features)
         head = model.head(features)  # cls_logits (N, R, C+1), bbox_regression (N, R, 4)
-        stacked = torch.stack(anchors)  # (N, R, 4)
+        stacked = _f32(torch.stack(anchors))  # (N, R, 4)
         n, r, _ = stacked.shape
-        boxes = model.box_coder.decode_single(head["bbox_regression"].detach().reshape(-1, 4), stacked.reshape(-1, 4))
+        deltas = _f32(head["bbox_regression"].detach())
+        boxes = model.box_coder.decode_single(deltas.reshape(-1, 4), stacked.reshape(-1, 4))
         out = DenseOutputs(
             features=features,
-            probs=head["cls_logits"][..., 1:].sigmoid(),
+            probs=_f32(head["cls_logits"][..., 1:]).sigmoid(),
             boxes=clip_boxes_batched(boxes.view(n, r, 4), images.image_sizes),
             logits=head["cls_logits"],
             reg=head["bbox_regression"],
@@ -142,9 +152,9 @@ class FCOSView(DenseView):
         features = list(model.backbone(images.tensors).values())
         anchors = anchors_fn(images, features)
         head = model.head(features)  # cls_logits (N,R,C+1), bbox_regression (N,R,4), bbox_ctrness (N,R,1)
-        stacked = torch.stack(anchors)
-        boxes = model.box_coder.decode(head["bbox_regression"].detach(), stacked)  # (N, R, 4)
-        probs = torch.sqrt(head["cls_logits"][..., 1:].sigmoid() * head["bbox_ctrness"].sigmoid())
+        stacked = _f32(torch.stack(anchors))
+        boxes = model.box_coder.decode(_f32(head["bbox_regression"].detach()), stacked)  # (N, R, 4)
+        probs = torch.sqrt(_f32(head["cls_logits"][..., 1:]).sigmoid() * _f32(head["bbox_ctrness"]).sigmoid())
         out = DenseOutputs(
             features=features,
             probs=probs,
@@ -193,12 +203,12 @@ class FasterRCNNView(DenseView):
         num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # (N*R, 1), (N*R, 4)
         n = len(anchors)
-        stacked = torch.stack(anchors)
-        proposals = rpn.box_coder.decode_single(deltas.detach(), stacked.reshape(-1, 4)).view(n, -1, 4)
+        stacked = _f32(torch.stack(anchors))
+        proposals = rpn.box_coder.decode_single(_f32(deltas.detach()), stacked.reshape(-1, 4)).view(n, -1, 4)
         logits = objectness.view(n, -1, 1)
         out = DenseOutputs(
             features=features,
-            probs=logits.sigmoid(),
+            probs=_f32(logits).sigmoid(),
             boxes=clip_boxes_batched(proposals, images.image_sizes),
             logits=logits,
             reg=deltas.view(n, -1, 4),

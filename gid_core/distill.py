@@ -24,6 +24,9 @@ Choices where the paper is silent, each tested:
   absorb what the student should learn.
 * Loss normalisers (number of GIs, images with >= 2 GIs, matched predictions) are summed over DDP
   ranks, so a DDP step equals one process with the same global batch.
+* Pixel-sized settings given at the reference's 800-px input (GISM's minimum box side, ROIAlign's
+  canonical scale) scale with the student's ``min_size`` unless set (``DistillConfig``).
+* Anchors, decoded boxes and GI selection are float32 under mixed precision (``gid_core.dense``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ class GIDDistiller(nn.Module):
         t_ch, s_ch = teacher.backbone.out_channels, student.backbone.out_channels
         self.adapter = nn.Conv2d(s_ch, t_ch, kernel_size=3, padding=1)
         self._check_compatible()
+        input_min_size = min(student.transform.min_size)
+        self.gi_min_box_size = self.config.gi_min_box_size(input_min_size)
+        self.roi_canonical_scale = self.config.roi_scale(input_min_size)
         self._anchor_cache: dict[tuple, list[Tensor]] = {}
         self.last_stats: dict[str, Tensor] = {}
 
@@ -127,13 +133,15 @@ class GIDDistiller(nn.Module):
             tuple(images.image_sizes),
             tuple(tuple(f.shape[-2:]) for f in features),
             images.tensors.device,
-            images.tensors.dtype,
         )
         anchors = self._anchor_cache.get(key)
         if anchors is None:
             if len(self._anchor_cache) > 64:  # many distinct sizes: don't grow without bound
                 self._anchor_cache.clear()
-            anchors = self.view.anchor_generator(self.student)(images, features)
+            # The generator takes its dtype from the maps (float16 under autocast): hand it empty
+            # float32 maps of the same sizes so anchors are exact.
+            shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in features]
+            anchors = self.view.anchor_generator(self.student)(images, shapes)
             self._anchor_cache[key] = anchors
         return anchors
 
@@ -191,7 +199,7 @@ class GIDDistiller(nn.Module):
         cfg = self.config
         per_image = select_general_instances_batched(
             t_out.probs, t_out.boxes, s_out.probs.detach(), s_out.boxes,
-            top_k=cfg.top_k, nms_iou=cfg.nms_iou, pre_nms_top_n=cfg.pre_nms_top_n, min_size=cfg.min_box_size,
+            top_k=cfg.top_k, nms_iou=cfg.nms_iou, pre_nms_top_n=cfg.pre_nms_top_n, min_size=self.gi_min_box_size,
         )
         boxes = torch.cat([b for b, _ in per_image])
         counts = torch.tensor([b.shape[0] for b, _ in per_image], device=boxes.device)
@@ -223,7 +231,7 @@ class GIDDistiller(nn.Module):
         levels = feature_levels(t_out.features, padded_hw)
         strides = [2**k for k in levels]
         level_index = assign_levels(
-            boxes, levels, canonical_scale=cfg.roi_canonical_scale, canonical_level=cfg.roi_canonical_level
+            boxes, levels, canonical_scale=self.roi_canonical_scale, canonical_level=cfg.roi_canonical_level
         )
         rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (K, 5)
         pool = dict(output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio)

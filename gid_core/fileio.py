@@ -105,6 +105,34 @@ def read_json(path: str | os.PathLike[str]) -> Any | None:
         return None
 
 
+def loads_finite(text: str | bytes) -> Any:
+    """``json.loads`` for untrusted text: only what RFC 8259 allows, and no depth bomb.
+
+    Python's parser accepts ``NaN``, ``Infinity`` and ``-Infinity`` and turns ``1e999`` into
+    ``inf``; none is JSON and none survives a JSON response, so each is refused here. Nesting deep
+    enough to exhaust the interpreter's stack is refused too. Every refusal is a
+    ``json.JSONDecodeError`` (a ``ValueError``), as for any other malformed JSON.
+    """
+    doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+    except UnicodeDecodeError as e:
+        raise json.JSONDecodeError(f"not UTF-8 text ({e.reason})", doc, e.start) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON number (non-finite numbers are refused)", name, 0)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise json.JSONDecodeError(f"{text} is out of the finite number range", text, 0)
+    return value
+
+
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()

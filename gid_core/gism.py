@@ -17,7 +17,11 @@ Conventions:
   * A GI score of 0 (teacher and student agree exactly) is still a valid candidate: GISM always
     returns ``min(top_k, surviving boxes)`` instances, never drops them for a low score.
   * A box is dropped when its width or height is shorter than ``min_size`` (torchvision's
-    ``remove_small_boxes`` rule), so ``min_size=0`` only drops inverted boxes.
+    ``remove_small_boxes`` rule), and a degenerate box (zero or negative width or height, e.g. a
+    prediction clipped away outside the image) is always dropped: NMS cannot suppress zero-area
+    boxes, which would otherwise fill every slot.
+  * Scores and boxes are taken in float32 whatever the inputs' dtype (mixed precision): float16
+    box coordinates above 2048 are spaced 2 px apart, and NMS offsets them further.
   * GISM only selects: inputs are detached and nothing it returns carries gradient.
   * The batched path returns exactly what the single-image path returns per image. The only
     exception is ties (equal GI scores, or an IoU exactly at the threshold up to rounding), where
@@ -61,12 +65,13 @@ def _gi_scores_and_boxes(
     t_prob: Tensor, t_box: Tensor, s_prob: Tensor, s_box: Tensor, min_size: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GI score, GI box and the min-size validity of every prediction; works on any leading dims."""
+    t_prob, t_box, s_prob, s_box = (x.float() for x in (t_prob, t_box, s_prob, s_box))
     scores = (t_prob - s_prob).abs().amax(dim=-1)  # (..., R)
     teacher_wins = t_prob.amax(dim=-1) > s_prob.amax(dim=-1)  # (..., R)
     boxes = torch.where(teacher_wins.unsqueeze(-1), t_box, s_box)  # (..., R, 4)
     widths = boxes[..., 2] - boxes[..., 0]
     heights = boxes[..., 3] - boxes[..., 1]
-    valid = (widths >= min_size) & (heights >= min_size)  # (..., R)
+    valid = (widths >= min_size) & (heights >= min_size) & (widths > 0) & (heights > 0)  # (..., R)
     return scores, boxes, valid
 
 

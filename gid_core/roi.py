@@ -25,7 +25,9 @@ def feature_levels(features: list[Tensor], padded_hw: tuple[int, int]) -> list[i
 
 
 def assign_levels(boxes: Tensor, levels: list[int], *, canonical_scale: float, canonical_level: int) -> Tensor:
-    """Index into ``levels`` (0..L-1) for each (K, 4) box."""
+    """Index into ``levels`` (0..L-1) for each (K, 4) box, computed in float32: in float16,
+    ``w * h`` overflows above 256 px and large boxes would all go to the top level."""
+    boxes = boxes.float()
     side = torch.sqrt((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
     k = torch.floor(canonical_level + torch.log2(side / canonical_scale + 1e-8))
     k = k.clamp(min=min(levels), max=max(levels))

@@ -1,8 +1,9 @@
 """Model uploads: a detector checkpoint checked against the architecture it claims to be.
 
 The file is read without unpickling code (safetensors, or ``torch.load(weights_only=True)`` via
-``gid_core.models.load_state_dict_file``); the detector is built from the config without weights and
-the state_dict must load strictly. A mismatch is a 422 listing the first missing, unexpected and
+``gid_core.models.read_state_dict_shapes``, which reads only the keys and shapes); the detector is
+built from the config on the meta device (no parameter memory, whatever the config) and the
+state_dict must fit it strictly. A mismatch is a 422 listing the first missing, unexpected and
 mis-shaped keys. Only then is the file moved into ``models/`` and the row inserted.
 """
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from gid_core.config import ModelConfig
-from gid_core.fileio import fsync_path
+from gid_core.fileio import fsync_path, loads_finite
 from service import crud
 from service.core.config import Settings
 from service.errors import FieldErrors, field_error
@@ -36,7 +37,7 @@ def parse_model_form(name: str | None, config: str | None, categories: str | Non
         errors.append(field_error(["body", "name"], "required, 1 to 200 characters", "missing"))
     spec = None
     try:
-        spec = ModelSpec.model_validate(json.loads(config or ""))
+        spec = ModelSpec.model_validate(loads_finite(config or ""))
     except json.JSONDecodeError as e:
         errors.append(field_error(["body", "config"], f"must be a JSON ModelConfig object: {e.msg}", "json_invalid"))
     except ValidationError as e:
@@ -44,7 +45,7 @@ def parse_model_form(name: str | None, config: str | None, categories: str | Non
     names = None
     if categories:
         try:
-            names = json.loads(categories)
+            names = loads_finite(categories)
         except json.JSONDecodeError as e:
             names = e
         if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)) or len(set(names)) != len(names):
@@ -62,25 +63,23 @@ def parse_model_form(name: str | None, config: str | None, categories: str | Non
 
 
 def check_checkpoint(path: Path, cfg: ModelConfig) -> None:
-    """Raise ``FieldErrors`` on ["body", "file"] unless ``path`` loads strictly into ``cfg``'s detector."""
-    from gid_core.models import build_detector, load_state_dict_checked, load_state_dict_file
+    """Raise ``FieldErrors`` on ["body", "file"] unless ``path`` loads strictly into ``cfg``'s detector.
+
+    Only keys and shapes are compared (all a strict load checks): the file's from its header (or a
+    memory map), the detector's from a build on the meta device. So the API process never holds
+    the weights, nor a model of whatever size the config asks for."""
+    from gid_core.models import read_state_dict_shapes, state_dict_mismatch, state_dict_shapes
 
     loc = ["body", "file"]
     try:
-        state = load_state_dict_file(path)
+        given = read_state_dict_shapes(path)
     except Exception as e:  # noqa: BLE001 - any reader error means "not a usable checkpoint"
         raise FieldErrors.one(loc, f"not a loadable state_dict (safetensors or weights-only torch file): {e}", "invalid_checkpoint") from None
     try:
-        model = build_detector(cfg, load_weights=False)
+        own = state_dict_shapes(cfg)
     except (ValueError, RuntimeError) as e:  # a config pydantic accepts but the builder cannot make
         raise FieldErrors.one(["body", "config"], f"cannot build this detector: {e}") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    # FrozenBatchNorm2d has no num_batches_tracked buffer: a BN-trained file may still carry them.
-    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
-    mis_shaped = [
-        f"{k}: {list(state[k].shape)} vs {list(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
-    ]
+    missing, unexpected, mis_shaped = state_dict_mismatch(own, given)
     if missing or unexpected or mis_shaped:
         error = field_error(
             loc,
@@ -91,13 +90,9 @@ def check_checkpoint(path: Path, cfg: ModelConfig) -> None:
         error["ctx"] = {
             "missing": missing[:MAX_REPORTED_KEYS],
             "unexpected": unexpected[:MAX_REPORTED_KEYS],
-            "shape_mismatch": mis_shaped[:MAX_REPORTED_KEYS],
+            "shape_mismatch": [f"{k}: {list(given[k])} vs {list(own[k])}" for k in mis_shaped[:MAX_REPORTED_KEYS]],
         }
         raise FieldErrors([error])
-    try:
-        load_state_dict_checked(model, state, source=path.name)
-    except (RuntimeError, ValueError) as e:
-        raise FieldErrors.one(loc, str(e), "state_dict_mismatch") from None
 
 
 def register_upload(

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Row, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,13 +58,18 @@ def create_token(session: Session, *, owner_id: str, secret: str) -> str:
     return token
 
 
-def get_owner_by_token(session: Session, *, token: str, secret: str) -> Owner | None:
+def get_owner_by_token(session: Session, *, token: str, secret: str) -> Row[tuple[str, str]] | None:
+    """``(id, name)`` of the token's owner, or None if unknown or revoked.
+
+    Every authenticated request pays this, so it is one statement: a lookup in the unique index of
+    ``api_tokens.token_hash`` joined to the owner's primary key, returning plain columns (no ORM
+    object to build or track)."""
     stmt = (
-        select(Owner)
+        select(Owner.id, Owner.name)
         .join(ApiToken, ApiToken.owner_id == Owner.id)
         .where(ApiToken.token_hash == hash_token(token, secret=secret), ApiToken.revoked_at.is_(None))
     )
-    return session.scalars(stmt).first()
+    return session.execute(stmt).first()
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,13 +102,14 @@ def create_dataset(
 def get_dataset(session: Session, *, owner_id: str, dataset_id: str) -> Dataset:
     """The owner's dataset; ``NotFound`` if it does not exist or belongs to someone else."""
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.owner_id != owner_id:
+    if dataset is None or dataset.owner_id != owner_id or dataset.deleted_at is not None:
         raise NotFound("dataset", dataset_id)
     return dataset
 
 
 def list_datasets(session: Session, *, owner_id: str, limit: int, offset: int) -> tuple[list[Dataset], int]:
-    return _page(session, Dataset, Dataset.owner_id == owner_id, limit=limit, offset=offset)
+    where = (Dataset.owner_id == owner_id, Dataset.deleted_at.is_(None))
+    return _page(session, Dataset, *where, limit=limit, offset=offset)
 
 
 def create_model(
@@ -134,13 +140,13 @@ def create_model(
 def get_model(session: Session, *, owner_id: str, model_id: str) -> Model:
     """The owner's model; ``NotFound`` if it does not exist or belongs to someone else."""
     model = session.get(Model, model_id)
-    if model is None or model.owner_id != owner_id:
+    if model is None or model.owner_id != owner_id or model.deleted_at is not None:
         raise NotFound("model", model_id)
     return model
 
 
 def list_models(session: Session, *, owner_id: str, limit: int, offset: int) -> tuple[list[Model], int]:
-    return _page(session, Model, Model.owner_id == owner_id, limit=limit, offset=offset)
+    return _page(session, Model, Model.owner_id == owner_id, Model.deleted_at.is_(None), limit=limit, offset=offset)
 
 
 def _page(session: Session, entity, *where: ColumnElement[bool], limit: int, offset: int):
@@ -190,6 +196,8 @@ def create_job(
     )
     session.add(job)
     try:
+        session.flush()
+        _refuse_deleted_inputs(session, job)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -200,6 +208,24 @@ def create_job(
             raise
         return existing, False
     return job, True
+
+
+def _refuse_deleted_inputs(session: Session, job: Job) -> None:
+    """``NotFound`` (after a rollback) if a dataset or model of ``job`` was deleted after it was
+    validated. On PostgreSQL the insert's foreign-key check waits for a concurrent delete's row
+    lock (``_lock_owned``), so this read sees its outcome; SQLite runs one writer at a time."""
+    datasets = [i for i in (job.train_dataset_id, job.val_dataset_id) if i]
+    models = [i for i in (job.teacher_model_id, job.init_model_id) if i]
+    gone = session.execute(
+        select(Dataset.id).where(Dataset.id.in_(datasets), Dataset.deleted_at.is_not(None))
+    ).first()
+    kind = "dataset"
+    if gone is None and models:
+        gone = session.execute(select(Model.id).where(Model.id.in_(models), Model.deleted_at.is_not(None))).first()
+        kind = "model"
+    if gone is not None:
+        session.rollback()
+        raise NotFound(kind, gone[0])
 
 
 def get_owned_job(session: Session, *, owner_id: str, job_id: str) -> Job:
@@ -261,6 +287,84 @@ def set_job_status(
         .execution_options(synchronize_session=False)
     )
     return session.execute(stmt).rowcount == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Deleting (the files are freed by service.deletion, after the commit)
+
+ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def _lock_owned(session: Session, entity, row_id: str, owner_id: str):
+    """The live row, locked until the commit (``FOR UPDATE``: a job insert naming it waits)."""
+    row = session.scalars(select(entity).where(entity.id == row_id).with_for_update()).first()
+    if row is None or row.owner_id != owner_id or row.deleted_at is not None:
+        session.rollback()
+        raise NotFound(entity.__tablename__.rstrip("s"), row_id)
+    return row
+
+
+def _refuse_if_in_use(session: Session, what: str, *uses: ColumnElement[bool]) -> None:
+    active = session.scalars(
+        select(Job.id).where(or_(*uses), Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at).limit(5)
+    ).all()
+    if active:
+        session.rollback()
+        raise Conflict(f"{what} is used by queued or running job(s) {', '.join(active)}: "
+                       "cancel them or wait until they finish")
+
+
+def mark_dataset_deleted(session: Session, *, owner_id: str, dataset_id: str) -> Dataset:
+    """Tombstone the dataset (``Conflict`` while a queued or running job uses it). Finished jobs
+    keep naming it; the API answers 404 for it from now on."""
+    dataset = _lock_owned(session, Dataset, dataset_id, owner_id)
+    _refuse_if_in_use(session, f"dataset '{dataset_id}'",
+                      Job.train_dataset_id == dataset_id, Job.val_dataset_id == dataset_id)
+    dataset.deleted_at = utcnow()
+    session.commit()
+    return dataset
+
+
+def mark_model_deleted(session: Session, *, owner_id: str, model_id: str) -> Model:
+    """Tombstone the model as above; the artifact rows of its file (a job's export) go with it."""
+    model = _lock_owned(session, Model, model_id, owner_id)
+    _refuse_if_in_use(session, f"model '{model_id}'", Job.teacher_model_id == model_id, Job.init_model_id == model_id)
+    model.deleted_at = utcnow()
+    if model.source_job_id is not None:
+        session.execute(delete(Artifact).where(Artifact.job_id == model.source_job_id, Artifact.path == model.path))
+    session.commit()
+    return model
+
+
+def delete_finished_job(session: Session, *, owner_id: str, job_id: str, moved_models: dict[str, str]) -> None:
+    """Delete a finished job's row (metrics, artifacts and attempts cascade; models it produced
+    keep existing with ``source_job_id`` NULL), re-pointing ``moved_models`` (id -> new path)
+    in the same transaction. ``Conflict`` if it is queued or running."""
+    job = get_owned_job(session, owner_id=owner_id, job_id=job_id)
+    if job.output_model_id is not None:  # queued jobs hold its weights' path (engine_config): keep it
+        output = job.output_model_id
+        _refuse_if_in_use(session, f"job '{job_id}' produced model '{output}', which",
+                          Job.teacher_model_id == output, Job.init_model_id == output)
+    for model_id, path in moved_models.items():
+        session.execute(update(Model).where(Model.id == model_id).values(path=path))
+    gone = session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES)))
+    if gone.rowcount != 1:
+        session.rollback()
+        raise Conflict(f"job '{job_id}' is {job.status}: cancel it and wait until it finishes to delete it")
+    session.commit()
+
+
+def usage_counts(session: Session, *, owner_id: str) -> dict[str, Any]:
+    """Live datasets, models and jobs of the owner, with the rows the byte counts need."""
+    datasets = session.execute(
+        select(Dataset.id, Dataset.source).where(Dataset.owner_id == owner_id, Dataset.deleted_at.is_(None))
+    ).all()
+    models = session.execute(
+        select(Model.path, Model.size).where(Model.owner_id == owner_id, Model.deleted_at.is_(None))
+    ).all()
+    jobs = session.scalars(select(Job.id).where(Job.owner_id == owner_id)).all()
+    session.commit()
+    return {"datasets": datasets, "models": models, "jobs": list(jobs)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,20 @@
 """Dataset registration: by server path (confined to ``settings.data_roots``) or by upload.
 
 Either way the dataset is validated with ``gid_core.data.validate_coco_dataset`` before a row is
-written, and a refusal lists every problem found. Nothing partial survives a failure: uploads are
+written, and a refusal lists every problem found. A refusal names no server path the client did
+not send itself, and never the data roots.
+
+Confinement: the annotation file and the images folder must resolve inside a data root and outside
+the service's store (and the folder must not contain the store). Every image is then opened by
+``gid_core.data.open_image_file``, which follows no symbolic link below the folder, here and in the
+worker, so every file a dataset uses is a regular file inside its confined folder. Nothing partial survives a failure: uploads are
 built in a staging folder and renamed into ``datasets/<id>/`` only once valid; the folder is removed
 again if the row cannot be inserted.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +28,9 @@ from service.core.config import Settings
 from service.errors import FieldErrors, field_error
 from service.models import Dataset, new_id
 from service.storage import Storage, UnsafeArchive, copy_fileobj, extract_zip
+
+# Longest server path accepted (Linux PATH_MAX).
+MAX_PATH_CHARS = 4096
 
 # Where a dataset problem is (gid_core.data) -> the request field it is reported on.
 DATASET_PROBLEM_FIELDS: dict[Loc, list[str]] = {
@@ -37,15 +47,23 @@ class DatasetSummary:
     categories: list[str]  # names in label order (sorted by COCO category id)
 
 
-def validate_dataset(annotations: Path, images: Path, *, hide_prefix: Path | None = None) -> DatasetSummary:
-    """Validate with gid_core; ``FieldErrors`` listing every problem, else the counts."""
+def validate_dataset(
+    annotations: Path, images: Path, *, hide_prefix: Path | None = None, shown: dict[Path, str] | None = None
+) -> DatasetSummary:
+    """Validate with gid_core; ``FieldErrors`` listing every problem, else the counts.
+
+    Server paths in the messages are replaced: ``hide_prefix`` (a staging folder) is dropped, and
+    each resolved path in ``shown`` reads as the path the client sent."""
     data, problems = validate_coco_dataset(annotations, images)
     if problems:
+        aliases = sorted((shown or {}).items(), key=lambda item: -len(str(item[0])))
         errors = []
         for problem in problems:
             message = problem.message
             if hide_prefix is not None:  # staging paths mean nothing to the client
                 message = message.replace(f"{hide_prefix}/", "").replace(str(hide_prefix), "<upload>")
+            for resolved, sent in aliases:
+                message = message.replace(str(resolved), sent)
             errors.append(field_error(DATASET_PROBLEM_FIELDS[problem.loc], message, problem.code))
         raise FieldErrors(errors)
     categories = [c["name"] for c in label_order(data["categories"])]
@@ -56,25 +74,29 @@ def confine(value: str, field: str, roots: list[Path], *, want_dir: bool, store:
     """Resolve ``value`` (symlinks and ``..`` included) and require it inside one of ``roots``.
 
     Outside every root, or inside the service's own store (``store``: other owners' uploads, job
-    outputs, the database) even where a root covers it: 403, checked before existence so paths
-    outside cannot be probed. Relative, missing or of the wrong kind: 422.
+    outputs, the database) even where a root covers it, or a folder containing the store: 403,
+    checked before existence so paths outside cannot be probed (the roots are not listed).
+    Relative, NUL, over ``MAX_PATH_CHARS``, missing or of the wrong kind: 422.
     """
     loc = ["body", field]
     if not roots:
         raise FieldErrors.one(loc, "registration by server path is disabled (no data_roots configured)", "path_not_allowed", 403)
-    path = Path(value)
-    if not path.is_absolute():
+    if "\x00" in value or len(value) > MAX_PATH_CHARS:
+        raise FieldErrors.one(loc, f"must be a path of at most {MAX_PATH_CHARS} characters, without NUL", "path_invalid")
+    if not Path(value).is_absolute():
         raise FieldErrors.one(loc, f"'{value}' must be an absolute path", "path_not_absolute")
-    resolved = path.resolve()
+    # realpath, unlike Path.resolve, never raises: what cannot be resolved stays as written.
+    resolved = Path(os.path.realpath(value))
     if not any(resolved.is_relative_to(root) for root in roots):
-        raise FieldErrors.one(
-            loc, f"'{value}' resolves outside the allowed data roots {[str(r) for r in roots]}", "path_not_allowed", 403
-        )
-    if store is not None and _inside_store(resolved, store.resolve()):
-        raise FieldErrors.one(loc, f"'{value}' is inside the service's own data store", "path_not_allowed", 403)
-    if want_dir and not resolved.is_dir():
+        raise FieldErrors.one(loc, f"'{value}' resolves outside the allowed data roots", "path_not_allowed", 403)
+    if store is not None:
+        store = Path(os.path.realpath(store))
+        if _inside_store(resolved, store) or (want_dir and store.is_relative_to(resolved)):
+            raise FieldErrors.one(loc, f"'{value}' is inside, or contains, the service's own data store", "path_not_allowed", 403)
+    # os.path's checks answer False for any OSError (e.g. a name too long), Path's may raise.
+    if want_dir and not os.path.isdir(resolved):
         raise FieldErrors.one(loc, f"'{value}' is not an existing directory", "path_not_found")
-    if not want_dir and not resolved.is_file():
+    if not want_dir and not os.path.isfile(resolved):
         raise FieldErrors.one(loc, f"'{value}' is not an existing file", "path_not_found")
     return resolved
 
@@ -103,7 +125,8 @@ def register_by_path(
     if errors:
         status = 403 if any(e.status_code == 403 for e in errors) else 422
         raise FieldErrors([err for e in errors for err in e.errors], status_code=status)
-    summary = validate_dataset(paths["annotations"], paths["images"])
+    shown = {paths["annotations"]: annotations, paths["images"]: images}
+    summary = validate_dataset(paths["annotations"], paths["images"], shown=shown)
     return crud.create_dataset(
         session, owner_id=owner_id, name=name, source="path", annotations_path=str(paths["annotations"]),
         images_path=str(paths["images"]), num_images=summary.num_images,

@@ -5,7 +5,9 @@ Every problem is reported at once with the request field it concerns, e.g.
 ``["body", "teacher", "model_id"]``: ids that do not resolve (422, not 404: the URL was fine, a
 field of the body was not), an init model that does not fit the student, too many devices, and
 whatever the engine's own cross-field rules (``gid_core.config``: the teacher, the class counts of
-teacher, student and datasets, the batch split) find on the resolved inputs. Then the engine's
+teacher, student and datasets, the batch split) find on the resolved inputs, and what exceeds this
+deployment's job limits (``Settings``: ``max_iters``, ``max_batch_per_device``, ``max_image_size``,
+``max_num_workers``, ``max_devices``). Then the engine's
 ``JobConfig`` validation runs on the resolved config, so the engine can never reject a job the API
 accepted. Engine problems are located in ``JobConfig``; ``REQUEST_FIELDS`` maps those locations to
 request fields.
@@ -32,12 +34,17 @@ from gid_core.config import (
 )
 from gid_core.errors import Loc
 from service import crud
+from service.core.config import Settings
 from service.errors import Conflict, FieldErrors, NotFound, field_error
 from service.models import Dataset, Job, Model
 from service.schemas import JobCreate
 
 # Fields that shape the network: an init model must agree on all of them to load strictly.
 STRUCTURAL_FIELDS = ("arch", "backbone", "num_classes", "fpn_channels", "norm")
+
+# Request fields bounded by a job-limit setting (the iteration counts all by max_iters).
+ITERATION_FIELDS = ("max_iters", "warmup_iters", "log_period", "checkpoint_period", "eval_period")
+IMAGE_SIZE_FIELDS = ("min_size", "max_size")
 
 # Where a JobConfig location comes from in the request body; the longest matching prefix wins.
 # A trailing ``...`` carries the rest of the location over: the request embeds the engine's own
@@ -87,7 +94,7 @@ def request_hash(request: JobCreate) -> str:
 
 
 def submit_job(
-    session: Session, *, owner_id: str, request: JobCreate, idempotency_key: str | None, max_devices: int
+    session: Session, *, owner_id: str, request: JobCreate, idempotency_key: str | None, settings: Settings
 ) -> tuple[Job, bool]:
     """Validate and insert; returns ``(job, created)``. A replayed key returns the first job
     (``created=False``); the same key with another body raises ``Conflict``."""
@@ -96,7 +103,7 @@ def submit_job(
         existing = crud.get_job_by_idempotency_key(session, owner_id=owner_id, key=idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
-    resolved = resolve_job(session, owner_id=owner_id, request=request, max_devices=max_devices)
+    resolved = resolve_job(session, owner_id=owner_id, request=request, settings=settings)
     hp = request.hyperparameters
     job, created = crud.create_job(
         session,
@@ -122,7 +129,7 @@ def _replay(job: Job, digest: str) -> Job:
     return job
 
 
-def resolve_job(session: Session, *, owner_id: str, request: JobCreate, max_devices: int) -> ResolvedJob:
+def resolve_job(session: Session, *, owner_id: str, request: JobCreate, settings: Settings) -> ResolvedJob:
     errors: list[dict[str, Any]] = []
 
     def lookup(getter, loc: list[str], **ids):
@@ -144,9 +151,7 @@ def resolve_job(session: Session, *, owner_id: str, request: JobCreate, max_devi
         if differing:
             detail = ", ".join(f"{f} {init.config.get(f)!r} vs {getattr(student, f)!r}" for f in differing)
             errors.append(field_error(["body", "student", "init_model_id"], f"model does not fit the student: {detail}"))
-    devices = request.resources.devices
-    if devices > max_devices:
-        errors.append(field_error(["body", "resources", "devices"], f"{devices} devices: the limit is {max_devices}"))
+    errors += limit_errors(request, _teacher_config(teacher) if teacher else None, settings)
     if errors:
         raise FieldErrors(errors)
     engine = build_engine_config(request, train=train, val=val, teacher=teacher, init=init)
@@ -170,6 +175,39 @@ def _engine_rule_errors(
     )
     problems += batch_split_problems(request.hyperparameters.batch_size, request.resources.devices)
     return [field_error(request_loc(p.loc), p.message, p.code) for p in problems]
+
+
+def limit_errors(request: JobCreate, teacher: ModelConfig | None, settings: Settings) -> list[dict[str, Any]]:
+    """What exceeds this deployment's job limits, each error naming the field, the limit and the setting."""
+    hp, devices = request.hyperparameters, request.resources.devices
+    checks = [  # (request loc, what the message calls it, value, setting)
+        *((["hyperparameters", f], f, getattr(hp, f), "max_iters") for f in ITERATION_FIELDS),
+        (["hyperparameters", "num_workers"], "num_workers", hp.num_workers, "max_num_workers"),
+        (["resources", "devices"], "devices", devices, "max_devices"),
+        *((["student", f], f, getattr(request.student, f), "max_image_size") for f in IMAGE_SIZE_FIELDS),
+        *((["teacher", "model_id"], f"the teacher's {f}", getattr(teacher, f), "max_image_size")
+          for f in IMAGE_SIZE_FIELDS if teacher is not None),
+    ]
+    errors = [
+        _over_limit(loc, f"{what} {value}", getattr(settings, setting), setting)
+        for loc, what, value, setting in checks
+        if value is not None and value > getattr(settings, setting)
+    ]
+    # The batch is global: each device holds batch_size / devices images.
+    per_device = settings.max_batch_per_device
+    if hp.batch_size > per_device * devices:
+        errors.append(_over_limit(
+            ["hyperparameters", "batch_size"], f"batch_size {hp.batch_size}", per_device * devices,
+            "max_batch_per_device", f"{per_device} per device on {devices} device(s), ",
+        ))
+    return errors
+
+
+def _over_limit(loc: list[str], what: str, limit: int, setting: str, how: str = "") -> dict[str, Any]:
+    env = f"{Settings.model_config['env_prefix']}{setting.upper()}"
+    error = field_error(["body", *loc], f"{what} exceeds this server's limit of {limit} ({how}{env})", "limit_exceeded")
+    error["ctx"] = {"limit": limit, "setting": env}
+    return error
 
 
 def _teacher_config(teacher: Model) -> ModelConfig:

@@ -8,6 +8,10 @@ Concurrency rule, as in ``service.crud``: every status or lease change is one co
 ``UPDATE jobs SET ... WHERE id = :id AND status ... AND lease_owner ...``, never read-modify-write,
 so of two workers (or a worker and the API) at most one wins. Each function commits its own
 transaction.
+
+Every run of a job is a ``JobAttempt`` row, opened by the claim (or by ``restart_attempt`` when
+the worker restarts a crashed training under the same lease) and closed with its cause by whatever
+ends it: ``finish_job``, ``restart_attempt``, the reaper's requeue, ``requeue_jobs_of_worker``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from gid_core.fileio import finite_only
 from service.crud import set_job_status
-from service.models import Artifact, Job, MetricPoint, check_transition, utcnow
+from service.models import Artifact, Job, JobAttempt, MetricPoint, check_transition, utcnow
 from service.status import TERMINAL_STATUSES, JobStatus
 
 
@@ -74,9 +78,88 @@ def claim_job(
     if claimed.rowcount != 1:
         session.rollback()
         return None
+    number = session.scalar(select(Job.attempts).where(Job.id == job_id))
+    session.add(JobAttempt(job_id=job_id, number=number, worker_id=worker_id, started_at=now))
+    session.flush()
     job = session.get(Job, job_id, populate_existing=True)
     session.commit()
     return job
+
+
+def claim_next_job(
+    session: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int | None = None,
+    lookahead: int = 8,
+) -> Job | None:
+    """Claim the oldest claimable queued job, else ``job_id`` (a running job whose lease expired).
+
+    A message only wakes a worker up: which job runs is decided here, oldest submission first, so a
+    job requeued after its worker died runs before jobs submitted after it, although its new
+    message is behind theirs in the broker queue. (The message of the job run instead is not lost:
+    it stays in the queue and, when delivered, claims the next oldest job.)
+    """
+    oldest = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+        .order_by(Job.created_at, Job.id)
+        .limit(lookahead)
+    ).all()
+    session.commit()
+    for candidate in dict.fromkeys([*oldest, job_id]):
+        job = claim_job(
+            session, job_id=candidate, worker_id=worker_id, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
+        if job is not None:
+            return job
+    return None
+
+
+def restart_attempt(
+    session: Session, *, job_id: str, worker_id: str, cause: str, lease_seconds: float, max_attempts: int
+) -> int | None:
+    """Close the running attempt with ``cause`` and open the next one under the same lease (the
+    worker restarts the training from its checkpoint); returns its number, or None when the job is
+    out of attempts, has a cancel request, or is no longer held by ``worker_id``."""
+    now = utcnow()
+    restarted = session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id), Job.attempts < max_attempts, Job.cancel_requested.is_(False))
+        .values(attempts=Job.attempts + 1, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                heartbeat_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if restarted.rowcount != 1:
+        session.rollback()
+        return None
+    _end_attempts(session, job_id, cause, now)
+    number = session.scalar(select(Job.attempts).where(Job.id == job_id))
+    session.add(JobAttempt(job_id=job_id, number=number, worker_id=worker_id, started_at=now))
+    session.commit()
+    return number
+
+
+def requeue_jobs_of_worker(session: Session, *, worker_prefix: str, cause: str = "worker died") -> list[str]:
+    """Running jobs leased by a worker known to be dead (its ``lease_owner`` starts with
+    ``worker_prefix``, the node name) go back to queued at once, without waiting for the lease to
+    expire; returns their ids (send each a message). Cancel-requested ones are cancelled."""
+    now = utcnow()
+    dead = (Job.status == JobStatus.RUNNING.value, Job.lease_owner.startswith(worker_prefix, autoescape=True))
+    rows = session.execute(select(Job.id, Job.lease_owner, Job.cancel_requested).where(*dead)).all()
+    requeued: list[str] = []
+    release = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    for job_id, lease_owner, cancel_requested in rows:
+        unchanged = (Job.lease_owner == lease_owner,)
+        if cancel_requested:
+            moved = set_job_status(session, job_id=job_id, status=JobStatus.CANCELLED, where=unchanged,
+                                   finished_at=now, **release)
+        else:
+            moved = set_job_status(session, job_id=job_id, status=JobStatus.QUEUED, where=unchanged, **release)
+            if moved:
+                requeued.append(job_id)
+        if moved:
+            _end_attempts(session, job_id, cause, now)
+        session.commit()
+    session.commit()
+    return requeued
 
 
 def renew_lease(session: Session, *, job_id: str, worker_id: str, lease_seconds: float) -> LeaseState:
@@ -146,9 +229,11 @@ def finish_job(
     error: str | None = None,
     final_metrics: dict[str, Any] | None = None,
     output_model_id: str | None = None,
+    cause: str | None = None,
 ) -> bool:
     """End the job as succeeded, failed or cancelled and release the lease; only while
-    ``worker_id`` holds it (False otherwise: the job was taken over or already finished)."""
+    ``worker_id`` holds it (False otherwise: the job was taken over or already finished). The
+    running attempt ends with ``cause`` (default: ``error``, else the status)."""
     target = JobStatus(status)
     if target not in TERMINAL_STATUSES:
         raise ValueError(f"finish_job: status must be one of {sorted(TERMINAL_STATUSES)}, got {status!r}")
@@ -159,6 +244,8 @@ def finish_job(
         error=error, final_metrics=finite_only(final_metrics), output_model_id=output_model_id,
         finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now,
     )
+    if done:
+        _end_attempts(session, job_id, cause or error or target.value, now)
     session.commit()
     return done
 
@@ -184,17 +271,22 @@ def requeue_or_fail_stale_jobs(
         unchanged = (Job.lease_owner == lease_owner, Job.attempts == attempts, Job.lease_expires_at < now)
         release = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
         if cancel_requested:
-            set_job_status(
+            moved = set_job_status(
                 session, job_id=job_id, status=JobStatus.CANCELLED, where=unchanged, finished_at=now, **release
             )
         elif attempts < max_attempts:
-            if set_job_status(session, job_id=job_id, status=JobStatus.QUEUED, where=unchanged, **release):
+            moved = set_job_status(session, job_id=job_id, status=JobStatus.QUEUED, where=unchanged, **release)
+            if moved:
                 requeued.append(job_id)
-        elif set_job_status(
-            session, job_id=job_id, status=JobStatus.FAILED, where=unchanged, finished_at=now,
-            error=f"worker lost {attempts} times", **release,
-        ):
-            failed.append(job_id)
+        else:
+            moved = set_job_status(
+                session, job_id=job_id, status=JobStatus.FAILED, where=unchanged, finished_at=now,
+                error=f"worker lost {attempts} times", **release,
+            )
+            if moved:
+                failed.append(job_id)
+        if moved:
+            _end_attempts(session, job_id, "worker lost (its lease expired)", now)
         session.commit()
     session.commit()  # ends the read transaction when nothing was stale
     return requeued, failed
@@ -210,6 +302,16 @@ def list_queued_job_ids(session: Session, *, older_than_seconds: float) -> list[
     ).all()
     session.commit()
     return list(ids)
+
+
+def _end_attempts(session: Session, job_id: str, cause: str, now: datetime) -> None:
+    """Close the job's open attempt (no commit: part of the caller's status change)."""
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_(None))
+        .values(cause=cause[:2000], ended_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _held_by(job_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:

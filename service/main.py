@@ -2,20 +2,24 @@
 
 Run it with ``uvicorn --factory service.main:create_app``. Start-up migrates the database to the
 newest Alembic revision before the first request is served. Every ``/v1`` route needs
-``Authorization: Bearer <token>``; ``/healthz`` and the OpenAPI pages (``/docs``) do not.
+``Authorization: Bearer <token>``; ``/healthz``, ``/readyz`` and the OpenAPI pages (``/docs``) do not.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.limits import BodySizeLimitMiddleware
-from service.api.routes import datasets, health, jobs, models
+from service.api.routes import datasets, health, jobs, models, usage
 from service.core.config import Settings
 from service.core.config import settings as default_settings
 from service.core.db import make_engine, make_session_factory
@@ -54,13 +58,64 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_session_factory = make_session_factory(read_engine)
     app.state.storage = Storage(settings.data_dir)
     app.add_middleware(BodySizeLimitMiddleware, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(UnexpectedErrorMiddleware)  # outermost of ours: sees every escaped exception
     _add_error_handlers(app)
-    for module in (health, datasets, models, jobs):
+    for module in (health, datasets, models, jobs, usage):
         app.include_router(module.router)
     return app
 
 
+class UnexpectedErrorMiddleware:
+    """A bug's exception becomes a logged 500 JSON response, and goes no further.
+
+    Starlette's own handler re-raises after answering, and uvicorn then closes the connection, so
+    the client's next request on that keep-alive connection fails too. Here the exception stops:
+    the connection stays usable. Once a response has started nothing can be sent, so it propagates.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
+
+
+def _safe_validation_error(error: dict) -> dict:
+    """``error`` with its echoed ``input`` / ``ctx`` dropped where JSON cannot carry them (bytes
+    that are not UTF-8, NaN, nesting deeper than the encoder's stack)."""
+    out = {key: error[key] for key in ("type", "loc", "msg") if key in error}
+    for key in ("input", "ctx"):
+        if key in error:
+            try:
+                value = jsonable_encoder(error[key])
+                json.dumps(value, allow_nan=False)
+            except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+                continue
+            out[key] = value
+    return out
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": [_safe_validation_error(e) for e in exc.errors()]}, status_code=422)
+
     @app.exception_handler(FieldErrors)
     async def _field_errors(_: Request, exc: FieldErrors) -> JSONResponse:
         return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)

@@ -1,6 +1,7 @@
 """Database tables (SQLAlchemy 2 typed ORM) and the job state machine.
 
-Tables: ``owners``, ``api_tokens``, ``datasets``, ``models``, ``jobs``, ``metrics``, ``artifacts``.
+Tables: ``owners``, ``api_tokens``, ``datasets``, ``models``, ``jobs``, ``job_attempts``, ``metrics``,
+``artifacts``.
 Ids are UUID strings. Datetimes are timezone-aware UTC in Python; ``UTCDateTime`` stores them as
 ``timestamptz`` on PostgreSQL and as naive UTC text on SQLite, and hands back aware UTC either way.
 
@@ -36,7 +37,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.status import JobStatus
 
@@ -158,6 +159,8 @@ class Dataset(Base):
     num_annotations: Mapped[int] = mapped_column(Integer)
     categories: Mapped[list[Any]] = mapped_column()  # names in label order: label L is categories[L-1]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by DELETE: the files are freed, the row stays for the finished jobs that name it (404 to the API).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     @property
     def num_categories(self) -> int:
@@ -183,6 +186,7 @@ class Model(Base):
         default=None,
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)  # as for datasets
 
 
 class Job(Base):
@@ -227,6 +231,29 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Loaded with the job (one extra IN query per page of jobs): every response shows them.
+    attempt_history: Mapped[list["JobAttempt"]] = relationship(
+        lazy="selectin", order_by="JobAttempt.number", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class JobAttempt(Base):
+    """One run of a job by a worker (``number`` = the job's ``attempts`` when it was claimed or
+    restarted) and why it ended: ``cause`` is None while it runs, then the outcome (``succeeded``,
+    ``cancelled``) or what went wrong (``training process killed by signal SIGKILL``, ``worker
+    lost``, ``FloatingPointError: ...``)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_job_attempts_job_number"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    cause: Mapped[str | None] = mapped_column(Text, default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class MetricPoint(Base):

@@ -23,6 +23,26 @@ class _Out(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
+# Error bodies (documented per route through ``service.api.responses``)
+
+
+class FieldErrorOut(BaseModel):
+    """One problem with a request field: FastAPI's validation-error shape (``service.errors``)."""
+
+    model_config = ConfigDict(extra="allow")  # pydantic adds "input" and "ctx"
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx body: a message, or the list of request fields at fault."""
+
+    detail: str | list[FieldErrorOut]
+
+
+# --------------------------------------------------------------------------------------------
 # Requests
 
 
@@ -110,6 +130,15 @@ class Progress(BaseModel):
     eta_seconds: float | None = None
 
 
+class AttemptOut(_Out):
+    """One run of the job: ``cause`` is None while it runs, then why it ended."""
+
+    number: int
+    cause: str | None
+    started_at: datetime
+    ended_at: datetime | None
+
+
 class JobOut(_Out):
     id: str
     name: str | None
@@ -121,6 +150,9 @@ class JobOut(_Out):
     error: str | None
     cancel_requested: bool
     attempts: int
+    attempt_history: list[AttemptOut] = Field(
+        default_factory=list, description="each run of the job, oldest first, with why it ended"
+    )
     output_model_id: str | None
     train_dataset_id: str
     val_dataset_id: str | None
@@ -163,6 +195,30 @@ class ArtifactOut(_Out):
     created_at: datetime
 
 
+class KindUsage(BaseModel):
+    count: int
+    bytes: int
+
+
+class UsageOut(BaseModel):
+    datasets: KindUsage = Field(description="bytes: uploaded datasets (one registered by path is not stored here)")
+    models: KindUsage = Field(description="bytes: model files under models/ (a job's output counts with its job)")
+    jobs: KindUsage = Field(description="bytes: the jobs' folders (checkpoints, export, logs)")
+    total_bytes: int
+    exact: bool = Field(description="False when the bounded folder walk stopped early (bytes are lower bounds)")
+
+
 class HealthOut(BaseModel):
-    status: Literal["ok", "degraded"]
-    database: bool
+    status: Literal["ok"]
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    error: str | None = Field(description="the kind of failure (e.g. timeout, ConnectionError); None when ok")
+    latency_ms: float
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: CheckOut
+    broker: CheckOut

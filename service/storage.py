@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from gid_core.fileio import fsync_path
+from gid_core.jobdir import JobDir
 
 CHUNK = 1024 * 1024
 # Members below this size may compress arbitrarily well (a blank PNG) without being a bomb.
@@ -205,3 +206,64 @@ class Storage:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def contains(self, path: str | Path) -> bool:
+        """True if ``path`` is inside the store (the service never deletes files it does not own,
+        such as a dataset registered in place from a data root)."""
+        return Path(path).resolve().is_relative_to(self.root.resolve())
+
+    def remove_owned(self, path: str | Path) -> None:
+        if self.contains(path) and Path(path).resolve() != self.root.resolve():
+            self.remove(Path(path))
+
+    def adopt_model_file(self, path: str | Path, model_id: str) -> Path:
+        """A second name for a job's exported model under ``models/``, so the model outlives the
+        job's folder: a hard link (no copy, no extra space; same filesystem), else an atomic copy.
+        Crash-safe: the old name stays valid until the caller re-points the model row; a name
+        already there is a complete earlier adoption (links and ``copy_fileobj`` are atomic)."""
+        path = Path(path)
+        dest = self.model_path(model_id, path.suffix)
+        if dest.exists():
+            return dest
+        try:
+            os.link(path, dest)
+        except FileExistsError:  # a concurrent delete of the same job adopted it
+            return dest
+        except OSError:
+            with open(path, "rb") as src:
+                copy_fileobj(src, dest, max_bytes=path.stat().st_size)
+        fsync_path(dest.parent)
+        return dest
+
+    def release_checkpoints(self, job_id: str) -> int:
+        """Delete the training checkpoints of a finished job; returns the bytes freed. The export,
+        metrics and logs stay (retention: ``keep_checkpoints_after_success``)."""
+        folder = JobDir(self.job_dir(job_id)).checkpoints
+        freed, _ = tree_size(folder)
+        self.remove(folder)
+        return freed
+
+
+def tree_size(path: Path, *, max_entries: int = 1_000_000) -> tuple[int, int]:
+    """``(bytes, entries)``: the size of the regular files under ``path`` (links not followed) and
+    the entries visited. The walk stops after ``max_entries`` (then ``entries > max_entries`` and
+    the bytes are a lower bound), so a request never walks without bound."""
+    total, seen, stack = 0, 0, [path]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen > max_entries:
+                    return total, seen
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:  # removed while we walk
+                    pass
+    return total, seen

@@ -13,8 +13,11 @@ Rank 0 streams to the database: progress (throttled to one write per
 after the same iteration everywhere and checkpoints.
 
 The outcome goes to ``--result`` as JSON (written atomically): ``{"status": "completed" |
-"cancelled" | "failed", "metrics", "iterations", "start_iteration", "export_dir", "error"}``.
-Exit code 0 when training ended (completed or cancelled), 1 when it failed.
+"cancelled" | "failed", "metrics", "iterations", "start_iteration", "export_dir", "error",
+"error_types"}``. ``error`` is one line (exception type and message; the traceback is in the log);
+``error_types`` names the exception's classes, most specific first (for a failed DDP rank, the
+rank's own exception type): the supervisor decides from them, never from the message, whether a
+failure is worth retrying. Exit code 0 when training ended (completed or cancelled), 1 when it failed.
 
 Every process of the tree dies with its parent (``PR_SET_PDEATHSIG``; ``gid_core.launch`` does it
 for the ranks): if the worker is killed, no orphaned rank keeps training into the job's output
@@ -49,12 +52,25 @@ MAX_ERROR_CHARS = 4000
 
 def describe_exception(exc: BaseException) -> str:
     """One readable line for a failure; for a failed DDP rank, the rank's own exception and which
-    rank failed first."""
+    rank failed first. A multi-line message (a list of problems) is joined into the line."""
     if isinstance(exc, LaunchError):
-        own = f"{exc.exc_type}: {exc.exc_message}" if exc.exc_message else exc.exc_type
+        own = _one_line(exc.exc_message)
+        own = f"{exc.exc_type}: {own}" if own else exc.exc_type
         return f"{own} (rank {exc.rank} failed first)"
-    text = str(exc).strip()
+    text = _one_line(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def exception_types(exc: BaseException) -> list[str]:
+    """The class names of ``exc``, most specific first; for a failed rank, its exception's type
+    (the launcher carries only the name)."""
+    if isinstance(exc, LaunchError):
+        return [exc.exc_type]
+    return [cls.__name__ for cls in type(exc).__mro__ if issubclass(cls, BaseException)]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------- rank 0 -> database
@@ -257,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         error = describe_exception(exc)[:MAX_ERROR_CHARS]
-        write_json_atomic(args.result, {"status": "failed", "error": error, "start_iteration": start_iteration})
+        write_json_atomic(args.result, {"status": "failed", "error": error, "error_types": exception_types(exc),
+                                        "start_iteration": start_iteration})
         return 1
     write_json_atomic(args.result, result)
     logger.info("training %s at iteration %s", result.get("status"), result.get("iterations"))

@@ -2,9 +2,11 @@
 
 A job message is only a wake-up call; the job row decides:
 
-1. ``leases.claim_job`` takes the job's lease (owner ``host:pid:uuid``, expiry ``job_lease_seconds``).
-   None means the job is finished, cancelled, or running under another worker's live lease (a
-   redelivered or duplicated message): the message is dropped.
+1. ``leases.claim_next_job`` takes the lease of the oldest queued job, else of the message's own
+   job (owner ``<node name>:pid:uuid``, expiry ``job_lease_seconds``): jobs run in submission
+   order even when a requeued job's message is behind newer ones. None means nothing is
+   claimable (finished, cancelled, or running under another worker's live lease: a redelivered
+   or duplicated message): the message is dropped.
 2. The training runs in a child process (``python -m worker.runner``, its own session) that spawns
    the job's DDP ranks; the Celery process never imports torch. Its output goes to
    ``<output_dir>/logs/attempt-<n>.log`` (the folder's layout: ``gid_core.jobdir``).
@@ -16,7 +18,13 @@ A job message is only a wake-up call; the job row decides:
 4. The outcome: completed -> the export becomes a model (``crud.create_model``), the export,
    metrics, newest checkpoint and log are registered as artifacts with their sha256, and the job
    ``succeeded`` with its final COCO metrics; cancelled -> ``cancelled``; anything else ->
-   ``failed`` with the exception and the last lines of the training log.
+   ``failed`` with one line, the exception type and message (the traceback is in the attempt's
+   log, registered as an artifact).
+5. Retries: a training that ended abnormally (killed by a signal, such as the OOM killer's
+   SIGKILL of a rank; exited without a result; an exception whose type is not in
+   ``settings.deterministic_errors``) is started again under the same lease, from its newest
+   checkpoint, after ``retry_backoff_seconds`` (doubled each time), while the job has attempts
+   left (``max_attempts``). Each attempt is a ``JobAttempt`` row with its cause.
 
 A job picked up again after its worker was lost continues from its newest checkpoint (the child
 runs the engine with ``resume=True`` on the same output directory).
@@ -42,7 +50,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gid_core.config import JobConfig
-from gid_core.fileio import read_json, sha256_file, tail_lines, write_json_atomic
+from gid_core.fileio import read_json, sha256_file, write_json_atomic
 from gid_core.jobdir import JobDir
 from gid_core.processes import die_with_parent, kill_process_group
 from service import crud, leases
@@ -59,8 +67,7 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.5  # how often the supervisor looks at the child between heartbeats
 KILL_WAIT_SECONDS = 10.0  # SIGTERM -> SIGKILL
-LOG_TAIL_LINES = 25
-MAX_ERROR_CHARS = 8000
+MAX_ERROR_CHARS = 2000
 
 # --------------------------------------------------------------------------- database access
 
@@ -81,8 +88,10 @@ def db_call(fn, /, **kwargs) -> Any:
         return fn(session, **kwargs)
 
 
-def make_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+def make_worker_id(node_name: str | None = None) -> str:
+    """``<node>:<pid>:<random>``; the node name (Celery's ``--hostname``) first, so whoever
+    started a worker node can requeue its jobs when the node dies (``leases.requeue_jobs_of_worker``)."""
+    return f"{node_name or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 @worker_process_init.connect
@@ -92,15 +101,19 @@ def _die_with_the_worker(**_kwargs) -> None:
     die_with_parent()
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 # --------------------------------------------------------------------------- the task
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str:
     """Run job ``job_id`` if it can be claimed; returns what happened (for the worker log)."""
-    worker_id = make_worker_id()
+    worker_id = make_worker_id(self.request.hostname)
     job = db_call(
-        leases.claim_job, job_id=job_id, worker_id=worker_id, lease_seconds=settings.job_lease_seconds,
+        leases.claim_next_job, job_id=job_id, worker_id=worker_id, lease_seconds=settings.job_lease_seconds,
         max_attempts=settings.max_attempts,
     )
     if job is None:
@@ -109,7 +122,9 @@ def run_job(self, job_id: str) -> str:
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         logger.info("job %s not claimable (%s; redelivered=%s): message dropped", job_id, state, redelivered)
         return "dropped"
-    logger.info("job %s claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
+    if job.id != job_id:
+        logger.info("job %s: the message ran the older job %s first", job_id, job.id)
+    logger.info("job %s claimed by %s (attempt %d)", job.id, worker_id, job.attempts)
     return JobSupervisor(job, worker_id).run()
 
 
@@ -131,11 +146,15 @@ class JobSupervisor:
         self.job_id = job.id
         self.worker_id = worker_id
         self.job_dir = JobDir(Storage(settings.data_dir).job_dir(job.id))
-        self.attempt = int(job.attempts)
-        self.log_path = self.job_dir.attempt_log(self.attempt)
-        self.result_path = self.job_dir.attempt_result(self.attempt)
         self.config_path = self.job_dir.config
         self.proc: subprocess.Popen | None = None
+        self.retries = 0
+        self._set_attempt(int(job.attempts))
+
+    def _set_attempt(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.log_path = self.job_dir.attempt_log(attempt)
+        self.result_path = self.job_dir.attempt_result(attempt)
 
     # ----------------------------------------------------------------------- run
 
@@ -143,21 +162,56 @@ class JobSupervisor:
         try:
             config = JobConfig.model_validate(self.job.engine_config)
         except ValidationError as e:
-            return self._finish(JobStatus.FAILED, error=f"invalid engine config: {e}")
+            return self._finish(JobStatus.FAILED, error=f"invalid engine config: {_one_line(str(e))}")
         self.job_dir.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.config_path, config.model_dump(mode="json"))
-        self.result_path.unlink(missing_ok=True)
-        try:
-            self._start_child()
-            outcome = self._supervise()
-        except SoftTimeLimitExceeded:
-            self._kill_child()
-            limit = settings.job_time_limit_seconds
-            return self._finish(JobStatus.FAILED, error=f"time limit exceeded: the job ran for more than {limit} s")
-        except BaseException:
-            self._kill_child()
-            raise
-        return self._conclude(outcome)
+        while True:
+            self.result_path.unlink(missing_ok=True)
+            try:
+                self._start_child()
+                outcome = self._supervise()
+            except SoftTimeLimitExceeded:
+                self._kill_child()
+                limit = settings.job_time_limit_seconds
+                return self._finish(JobStatus.FAILED, error=f"time limit exceeded: the job ran for more than {limit} s")
+            except BaseException:
+                self._kill_child()
+                raise
+            cause = self._retry_cause(outcome)
+            if cause is None or not self._restart(cause):
+                return self._conclude(outcome)
+
+    # ----------------------------------------------------------------------- retries
+
+    def _retry_cause(self, outcome: Outcome) -> str | None:
+        """Why the training ended abnormally, if a new attempt may fix it; None when it ended
+        normally, deterministically (by exception type), was cancelled, or the lease is gone."""
+        if outcome.lease_lost or outcome.killed_after_cancel:
+            return None
+        result = read_json(self.result_path) or {}
+        if result.get("status") in ("completed", "cancelled") or self._cancel_requested():
+            return None
+        if set(result.get("error_types") or ()) & set(settings.deterministic_errors):
+            return None
+        return self._failure_head(outcome, result)
+
+    def _restart(self, cause: str) -> bool:
+        """Open the next attempt under our lease and wait the back-off; False when out of attempts."""
+        self._register_leftovers()
+        attempt = db_call(
+            leases.restart_attempt, job_id=self.job_id, worker_id=self.worker_id, cause=cause,
+            lease_seconds=settings.job_lease_seconds, max_attempts=settings.max_attempts,
+        )
+        if attempt is None:
+            return False
+        # restart_attempt renewed the lease: a pause under half of it needs no heartbeat.
+        delay = min(settings.retry_backoff_seconds * 2**self.retries, settings.job_lease_seconds / 2)
+        self.retries += 1
+        logger.warning("job %s: attempt %d ended abnormally (%s); attempt %d starts in %.1f s from the newest "
+                       "checkpoint", self.job_id, self.attempt, cause, attempt, delay)
+        time.sleep(delay)
+        self._set_attempt(attempt)
+        return True
 
     def _start_child(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,12 +303,13 @@ class JobSupervisor:
                 return self._succeed(result)
             except Exception as e:
                 logger.exception("job %s: recording the results failed", self.job_id)
-                return self._finish(JobStatus.FAILED, error=f"recording the results failed: {type(e).__name__}: {e}")
+                error = f"recording the results failed: {type(e).__name__}: {_one_line(str(e))}"
+                return self._finish(JobStatus.FAILED, error=error.replace(f"{settings.data_dir}{os.sep}", ""))
         if status == "cancelled" or outcome.killed_after_cancel or self._cancel_requested():
             self._register_leftovers()
             return self._finish(JobStatus.CANCELLED)
         self._register_leftovers()
-        return self._finish(JobStatus.FAILED, error=self._failure_message(outcome, result))
+        return self._finish(JobStatus.FAILED, error=self._failure_head(outcome, result))
 
     def _cancel_requested(self) -> bool:
         try:
@@ -263,18 +318,17 @@ class JobSupervisor:
             return False
         return job is not None and bool(job.cancel_requested)
 
-    def _failure_message(self, outcome: Outcome, result: dict[str, Any]) -> str:
+    def _failure_head(self, outcome: Outcome, result: dict[str, Any]) -> str:
+        """One line for the job's ``error`` and the attempt's cause: the exception type and
+        message (the traceback stays in the attempt's log), without the data directory's path."""
         if result.get("error"):
-            head = str(result["error"])
+            head = _one_line(str(result["error"]))
         elif outcome.returncode is not None and outcome.returncode < 0:
             head = f"training process killed by signal {signal.Signals(-outcome.returncode).name}"
         else:
             head = f"training process exited with code {outcome.returncode} without a result"
-        tail = tail_lines(self.log_path, LOG_TAIL_LINES)
-        message = f"{head}\n\nlast lines of {self.log_path.name}:\n{tail}" if tail else head
-        if len(message) > MAX_ERROR_CHARS:
-            message = message[: MAX_ERROR_CHARS // 4] + "\n...\n" + message[-3 * MAX_ERROR_CHARS // 4 :]
-        return message
+        head = head.replace(f"{settings.data_dir}{os.sep}", "")
+        return head if len(head) <= MAX_ERROR_CHARS else head[: MAX_ERROR_CHARS - 3] + "..."
 
     def _register(self, name: str, path: Path) -> dict[str, Any]:
         size, digest = path.stat().st_size, sha256_file(path)
@@ -304,7 +358,7 @@ class JobSupervisor:
         self._register(metadata_path.name, metadata_path)
         self._register(metrics_path.name, metrics_path)
         checkpoint = self.job_dir.latest_checkpoint()
-        if checkpoint is not None:
+        if checkpoint is not None and settings.keep_checkpoints_after_success:
             self._register("checkpoint.pt", checkpoint)
         self._register(self.log_path.name, self.log_path)
 
@@ -320,7 +374,12 @@ class JobSupervisor:
             size=stored["size"],
             source_job_id=self.job_id,
         )
-        return self._finish(JobStatus.SUCCEEDED, final_metrics=metrics, output_model_id=model.id)
+        outcome = self._finish(JobStatus.SUCCEEDED, final_metrics=metrics, output_model_id=model.id)
+        if outcome == JobStatus.SUCCEEDED and not settings.keep_checkpoints_after_success:
+            # Retention, once the success is recorded (until then a retry resumes from them).
+            freed = Storage(settings.data_dir).release_checkpoints(self.job_id)
+            logger.info("job %s: checkpoints deleted (%d bytes; GID_KEEP_CHECKPOINTS_AFTER_SUCCESS)", self.job_id, freed)
+        return outcome
 
     def _finish(self, status: JobStatus, **kwargs: Any) -> str:
         done = db_call(leases.finish_job, job_id=self.job_id, worker_id=self.worker_id, status=status.value, **kwargs)

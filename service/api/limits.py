@@ -3,13 +3,26 @@
 Multipart uploads (``POST /v1/datasets`` and ``POST /v1/models``) get a large limit, everything
 else (JSON) a small one. A declared Content-Length over the limit is refused before reading; a chunked body is counted
 and refused once it passes the limit. Per-file limits are checked again while storing.
+
+JSON bodies are parsed by ``StrictJSONRoute`` (the ``route_class`` of every router): strict JSON only,
+so ``NaN``, ``Infinity``, out-of-range numbers and stack-exhausting nesting are a 422, never a
+500 (``gid_core.fileio.loads_finite``).
 """
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gid_core.fileio import loads_finite
+
+# Largest integer query parameter (offsets, steps): what a 64-bit database column can compare with.
+MAX_QUERY_INT = 2**63 - 1
 
 
 class BodyTooLarge(HTTPException):
@@ -64,3 +77,23 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class StrictJSONRequest(Request):
+    """A request whose ``json()`` refuses what ``loads_finite`` refuses (a ``JSONDecodeError``, which
+    FastAPI answers with a 422 ``json_invalid``)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads_finite(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler

@@ -11,6 +11,7 @@ Outside ``env="local"`` the default secret key is refused: a production deployme
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_SECRET_KEY = "gid-local-development-secret-do-not-use-in-production"
 MiB = 1024 * 1024
 HOUR = 3600
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -45,13 +54,62 @@ class Settings(BaseSettings):
     max_zip_ratio: float = Field(200.0, gt=1.0, description="largest compression ratio of one zip member")
     max_devices: int = Field(8, ge=1, le=64, description="largest DDP world size a job may ask for")
 
+    # The API: job limits (engineer B), with max_devices above. What one job may ask of this
+    # deployment's GPUs; the engine's own bounds (gid_core.config) hold for any machine and are
+    # wider. service.jobspec refuses a job beyond one with a 422 naming the field and the setting.
+    max_iters: int = Field(
+        1_000_000, ge=1, le=2**31 - 1,
+        description="longest job, in iterations (also bounds warmup_iters and the log/checkpoint/eval periods)",
+    )
+    max_batch_per_device: int = Field(32, ge=1, le=4096, description="largest batch_size / devices")
+    max_image_size: int = Field(
+        2048, ge=32, le=8192, description="largest min_size and max_size of a job's student and teacher"
+    )
+    max_num_workers: int = Field(16, ge=0, le=64, description="most data-loading processes per device")
+
+    # The API: broker (engineer D). A hung Redis must not hang requests: the job stays queued and
+    # the reaper's sweep sends it later (service.queue); /readyz reports the broker as down.
+    broker_timeout_seconds: float = Field(
+        2.0, gt=0, le=30, description="longest wait on Redis when the API enqueues a job or checks readiness"
+    )
+    database_check_timeout_seconds: float = Field(
+        2.0, gt=0, le=30, description="longest wait on the database in the readiness check"
+    )
+
+    # The API: processes (engineer D). `gid serve` and `gid up` run this many uvicorn workers.
+    api_workers: int = Field(
+        default_factory=lambda: usable_cpus(), ge=1, le=256, description="API processes (default: usable CPU cores)"
+    )
+
+    # Retention (engineer D): what is kept of a finished job's folder.
+    keep_checkpoints_after_success: bool = Field(
+        False, description="keep checkpoints/ of a succeeded job (its export, metrics and logs are always kept)"
+    )
+
     # Workers: the job lease (service.leases) and the reaper.
     job_lease_seconds: int = Field(60, ge=5, description="a worker's lease on a running job")
     job_heartbeat_seconds: int = Field(15, ge=1, description="how often a worker renews its lease")
     job_requeue_after_seconds: int = Field(120, ge=1, description="re-enqueue jobs queued this long")
-    max_attempts: int = Field(3, ge=1, description="worker losses before a job is failed")
+    max_attempts: int = Field(
+        3, ge=1, description="runs of a job (a lost worker or a crashed training starts another) before it fails"
+    )
     reaper_period_seconds: float = Field(
         30.0, gt=0, description="how often a worker looks for stale running jobs and forgotten queued jobs"
+    )
+
+    # Workers: retries. A training that ends abnormally (a rank killed by the OOM killer, a crash)
+    # restarts from its newest checkpoint, while the job has attempts left (``max_attempts``);
+    # deterministic errors (bad config or data, non-finite loss) fail the job at once.
+    retry_backoff_seconds: float = Field(
+        2.0, ge=0, le=300, description="wait before restarting a crashed training, doubled each retry"
+    )
+    deterministic_errors: list[str] = Field(
+        default_factory=lambda: [
+            # A failed DDP rank reports only its exception's own class: name the subclasses too.
+            "ProblemsError", "DatasetValidationError", "JobSetupError", "ConfigFileError", "ValidationError",
+            "FloatingPointError", "TrainingCancelled",
+        ],
+        description="exception types (a class or any base class) a retry cannot fix: the job fails at once",
     )
 
     # Workers: supervising a running job.

@@ -47,6 +47,26 @@ def test_teacher_rules():
     assert arch.loc == ("teacher", "arch") and "teacher.arch (fcos) != student.arch (retinanet)" in arch.message
 
 
+def test_teacher_must_share_the_students_input_size():
+    """The teacher runs on the student's resized images: its own sizes would be silently ignored."""
+    student = ModelConfig(**MODEL, min_size=512, max_size=683)
+    teacher = ModelConfig(**MODEL, weights="t.safetensors")  # torchvision's 800 / 1333
+    problems = teacher_problems("distill", student, teacher)
+    assert locs(problems) == [("teacher", "min_size"), ("teacher", "max_size")]
+    assert "teacher.min_size (800) != student.min_size (512)" in problems[0].message
+    same = teacher.model_copy(update={"min_size": 512, "max_size": 683})
+    assert teacher_problems("distill", student, same) == []
+    with pytest.raises(ValidationError) as info:
+        JobConfig(kind="distill", student=student, teacher=teacher, data=DATA)
+    assert {e["loc"] for e in info.value.errors()} == {("teacher", "min_size"), ("teacher", "max_size")}
+
+
+def test_teacher_loads_all_its_weights():
+    student = ModelConfig(**MODEL)
+    teacher = ModelConfig(**MODEL, weights="t.safetensors", init_mode="backbone_and_box")
+    assert locs(teacher_problems("distill", student, teacher)) == [("teacher", "init_mode")]
+
+
 def test_class_rules():
     assert class_problems(2) == []  # nothing known to compare
     assert class_problems(2, teacher_classes=2, train_categories=["a", "b"], val_categories=["a", "b"]) == []
@@ -151,3 +171,45 @@ def test_config_file_errors_name_the_file(tmp_path: Path, name, content, expecte
     with pytest.raises(ConfigFileError) as info:
         load_config_file(path)
     assert str(info.value).startswith(expected.format(path=path)) and info.value.path == path
+
+
+# --------------------------------------------------------------------------- intrinsic bounds
+
+
+@pytest.mark.parametrize("where, update, loc", [
+    ("hyperparameters", {"seed": 10**30}, ("hyperparameters", "seed")),  # torch.manual_seed: 64 bits
+    ("hyperparameters", {"seed": -1}, ("hyperparameters", "seed")),
+    ("hyperparameters", {"max_iters": 10**12}, ("hyperparameters", "max_iters")),
+    ("hyperparameters", {"warmup_iters": 10**12}, ("hyperparameters", "warmup_iters")),
+    ("hyperparameters", {"checkpoint_period": 10**12}, ("hyperparameters", "checkpoint_period")),
+    ("hyperparameters", {"eval_period": 10**12}, ("hyperparameters", "eval_period")),
+    ("hyperparameters", {"batch_size": 10**9}, ("hyperparameters", "batch_size")),
+    ("hyperparameters", {"keep_checkpoints": 10**9}, ("hyperparameters", "keep_checkpoints")),
+    ("hyperparameters", {"distill": {"pre_nms_top_n": 10**9}}, ("hyperparameters", "distill", "pre_nms_top_n")),
+    ("hyperparameters", {"distill": {"roi_sampling_ratio": 10**6}}, ("hyperparameters", "distill", "roi_sampling_ratio")),
+    ("hyperparameters", {"distill": {"roi_canonical_level": 10**30}}, ("hyperparameters", "distill", "roi_canonical_level")),
+    ("student", {"anchor_sizes": [8]}, ("student", "anchor_sizes")),  # one per FPN level
+    ("student", {"anchor_sizes": [32] * 100_000}, ("student", "anchor_sizes")),
+    ("student", {"anchor_sizes": [1, 2, 4, 8, 16]}, ("student", "anchor_sizes", 0)),  # rounds to zero height
+    ("student", {"anchor_sizes": [32, 64, 128, 256, 10**9]}, ("student", "anchor_sizes", 4)),
+])
+def test_values_no_run_can_use_are_refused_at_their_field(where, update, loc):
+    job = {"kind": "train", "student": dict(MODEL), "data": DATA, "hyperparameters": {}}
+    job[where].update(update)
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate(job)
+    assert [e["loc"] for e in info.value.errors()] == [loc]
+
+
+def test_largest_accepted_seed_and_anchor_sizes_work_in_torch():
+    import torch
+
+    from gid_core.checkpoint import seed_everything
+    from gid_core.config import MAX_SEED, Hyperparameters
+    from gid_core.models import build_detector
+
+    seed = Hyperparameters(seed=MAX_SEED).seed
+    seed_everything(seed + 63)  # the engine adds the rank, and the epoch for the sampler
+    torch.Generator().manual_seed(seed + 10**6)
+    model = build_detector(ModelConfig(**MODEL, anchor_sizes=[2, 4, 8, 16, 8192]), load_weights=False)
+    assert model.anchor_generator.sizes[0] == (2, 2, 3)

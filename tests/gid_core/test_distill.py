@@ -14,6 +14,7 @@ from gid_core.config import DistillConfig, ModelConfig
 from gid_core.dense import FCOSView, RetinaNetView, iou_matcher_positive
 from gid_core.distill import GIDDistiller
 from gid_core.models import build_detector
+from gid_core.roi import assign_levels
 
 SIZE = 96
 
@@ -213,3 +214,64 @@ def test_faster_rcnn_response_mask_is_the_rpn_assignment():
     valid[0, :5] = True
     mask = d.view.positive_mask(student, padded, valid, torch.stack(anchors), [])
     assert torch.equal(mask[0], labels[0] == 1)
+
+
+# --------------------------------------------------------------------------- mixed precision, input scale
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos", "fasterrcnn"])
+def test_boxes_are_decoded_and_selected_in_float32_under_autocast(arch):
+    """Under autocast the heads return half precision; torchvision's box coders decode in the
+    deltas' dtype (anchors cast down too). Every view must decode, score and select in float32."""
+    d = _distiller(arch)
+    images, targets = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_list, scaled = d.student.transform(images, [dict(t) for t in targets])
+        t_out = d.view(d.teacher, image_list, d._anchors)
+        s_out = d.view(d.student, image_list, d._anchors, scaled)
+        assert t_out.logits.dtype == torch.bfloat16  # autocast is on: the heads ran in bfloat16
+        for out in (t_out, s_out):
+            assert out.boxes.dtype == torch.float32 and out.probs.dtype == torch.float32
+        assert all(a.dtype == torch.float32 for a in d._anchors(image_list, s_out.features))
+        gi = d.select_instances(t_out, s_out)
+        assert gi.boxes.dtype == torch.float32 and gi.scores.dtype == torch.float32
+        losses = d(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_large_boxes_go_to_their_level_whatever_the_dtype(dtype):
+    """sqrt(w * h) in float16 overflows above 256 px: 300 and 448 px boxes went to P7."""
+    sides = [112.0, 224.0, 300.0, 448.0]
+    boxes = torch.tensor([[10.0, 10.0, 10.0 + s, 10.0 + s] for s in sides], dtype=dtype)
+    index = assign_levels(boxes, [3, 4, 5, 6, 7], canonical_scale=224.0, canonical_level=4)
+    assert [3 + int(i) for i in index] == [3, 4, 4, 5]
+
+
+def test_pixel_settings_scale_with_the_students_input_size():
+    d = _distiller()  # student min_size 96
+    assert d.gi_min_box_size == pytest.approx(10.0 * SIZE / 800)
+    assert d.roi_canonical_scale == pytest.approx(224.0 * SIZE / 800)
+    set_explicitly = _distiller(min_box_size=0.0, roi_canonical_scale=224.0)
+    assert set_explicitly.gi_min_box_size == 0.0 and set_explicitly.roi_canonical_scale == 224.0
+    assert DistillConfig().min_box_size is None and DistillConfig().roi_canonical_scale is None
+    assert DistillConfig().gi_min_box_size(800) == 10.0 and DistillConfig().roi_scale(800) == 224.0
+
+
+def test_degenerate_predictions_never_become_general_instances():
+    """Predictions clipped to zero area outside the image must not fill the K slots."""
+    d = _distiller(min_box_size=0.0)
+    images, targets = _batch()
+    image_list, _ = d.student.transform(images, targets)
+    with torch.no_grad():
+        t_out = d.view(d.teacher, image_list, d._anchors)
+        s_out = d.view(d.student, image_list, d._anchors)
+    # the teacher is sure of (and the student blind to) half the predictions, all squashed to a line
+    half = t_out.probs.shape[1] // 2
+    t_out.probs[:, :half] = 1.0
+    s_out.probs[:, :half] = 0.0
+    t_out.boxes[:, :half, 2] = t_out.boxes[:, :half, 0]
+    gi = d.select_instances(t_out, s_out)
+    assert gi.counts.tolist() == [10, 10]
+    widths, heights = gi.boxes[:, 2] - gi.boxes[:, 0], gi.boxes[:, 3] - gi.boxes[:, 1]
+    assert bool(((widths > 0) & (heights > 0)).all())

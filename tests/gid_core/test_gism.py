@@ -219,3 +219,26 @@ def test_batched_prefix_grows_past_a_crowded_top(monkeypatch: pytest.MonkeyPatch
 def test_batched_rejects_bad_first_prefix() -> None:
     with pytest.raises(ValueError, match="first_prefix"):
         select_general_instances_batched(*random_batch(torch.Generator().manual_seed(0), 1, 5, 2), first_prefix=0)
+
+
+@pytest.mark.parametrize("min_size", [0.0, 1.0])
+def test_degenerate_boxes_are_never_selected(min_size) -> None:
+    """Boxes clipped away outside the image have zero area; NMS cannot suppress them, so with the
+    highest GI scores they would fill every slot."""
+    n = 40
+    t_prob = torch.linspace(0.9, 0.5, n)[:, None]
+    s_prob = torch.zeros(n, 1)
+    boxes = torch.tensor([[100.0, 10.0, 100.0, 30.0]] * 20 + [[0.0, 50.0, 30.0, 50.0]] * 10  # zero width / height
+                         + [[10.0 * i, 0.0, 10.0 * i + 8, 8.0] for i in range(10)])  # 10 real, disjoint
+    for select in (select_general_instances, lambda *a, **k: select_general_instances_batched(
+            *(x[None] for x in a), **k)[0]):
+        out, _ = select(t_prob, boxes, s_prob, boxes, top_k=10, min_size=min_size)
+        assert out.shape == (10, 4)
+        assert bool(((out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])).all())
+
+
+def test_half_precision_inputs_are_selected_in_float32() -> None:
+    t_prob, t_box, s_prob, s_box = hand_case()
+    far = [x.half() for x in (t_prob, t_box + 3000.5, s_prob, s_box + 3000.5)]
+    boxes, scores = select_general_instances(*far)
+    assert boxes.dtype == torch.float32 and scores.dtype == torch.float32

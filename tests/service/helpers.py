@@ -91,3 +91,33 @@ TINY_MODEL = {
     "arch": "retinanet", "backbone": "resnet18", "num_classes": 2, "fpn_channels": 16,
     "norm": "frozen_bn", "min_size": 64, "max_size": 64,
 }
+
+
+def finish_like_the_worker(api: Api, job_id: str, *, checkpoint_bytes: int = 3000, weights_bytes: int = 1000) -> str:
+    """Run job ``job_id`` through the real lease protocol in-process, writing a small job folder
+    (a checkpoint, an export, a log) the way the worker lays it out; returns the output model id."""
+    from gid_core.fileio import sha256_file
+    from gid_core.jobdir import JobDir
+    from service import leases
+
+    job_dir = JobDir(api.settings.data_dir / "jobs" / job_id)
+    with api.session() as s:
+        assert leases.claim_job(s, job_id=job_id, worker_id="w", lease_seconds=60) is not None
+        job_dir.checkpoints.mkdir(parents=True)
+        (job_dir.checkpoints / "ckpt_0000002.pt").write_bytes(b"c" * checkpoint_bytes)
+        job_dir.export.mkdir()
+        job_dir.export_weights.write_bytes(b"w" * weights_bytes)
+        log = job_dir.attempt_log(1)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("training log\n")
+        for name, path in (("model.safetensors", job_dir.export_weights), (log.name, log)):
+            leases.add_artifact(s, job_id=job_id, name=name, path=str(path), size=path.stat().st_size,
+                                sha256=sha256_file(path))
+        model = crud.create_model(
+            s, owner_id=leases.get_job(s, job_id=job_id).owner_id, name="out", config=dict(TINY_MODEL),
+            categories=None, path=str(job_dir.export_weights), sha256=sha256_file(job_dir.export_weights),
+            size=weights_bytes, source_job_id=job_id,
+        )
+        assert leases.finish_job(s, job_id=job_id, worker_id="w", status="succeeded", output_model_id=model.id)
+        s.commit()
+        return model.id

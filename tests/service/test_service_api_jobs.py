@@ -307,7 +307,7 @@ def test_concurrent_retries_with_one_key_create_one_job(api, setup):
     def submit() -> None:
         with api.session() as s:
             barrier.wait()
-            results.append(jobspec.submit_job(s, owner_id=api.owner_ids["alice"], request=request, idempotency_key="race", max_devices=4))
+            results.append(jobspec.submit_job(s, owner_id=api.owner_ids["alice"], request=request, idempotency_key="race", settings=api.settings))
 
     threads = [threading.Thread(target=submit) for _ in range(2)]
     for t in threads:

@@ -132,3 +132,46 @@ def test_upload_limit(api, checkpoints):
     r = upload(api, checkpoints["safetensors"])  # ~5 MB over the 256 KiB test limit
     assert r.status_code == 413
     assert_no_model_files(api)
+
+
+HUGE = {**MOBILE, "backbone": "resnet101", "num_classes": 10_000, "fpn_channels": 1024}  # ~1e9 parameters
+
+
+def test_huge_config_is_checked_without_building_it(big_api, checkpoints):
+    """The upload's keys and shapes are compared to a detector built on the meta device."""
+    r = upload(big_api, checkpoints["safetensors"], config=HUGE)
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["type"] == "state_dict_mismatch" and error["ctx"]["missing"]
+    assert_no_model_files(big_api)
+
+
+_MEASURE = """
+import json, resource, sys
+from pathlib import Path
+from gid_core.config import ModelConfig
+from service.checkpoints import check_checkpoint
+from service.errors import FieldErrors
+for config, path in json.loads(sys.argv[1]):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        check_checkpoint(Path(path), ModelConfig(**config))
+    except FieldErrors:
+        pass
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB of new peak
+"""
+
+
+def test_checking_an_upload_allocates_no_parameters(checkpoints):
+    """A real build of HUGE would take ~4 GB and, freed, stay in the API process; on the meta
+    device the check's peak memory barely moves. Measured in a fresh process: its peak RSS."""
+    import subprocess
+    import sys
+
+    cases = [(HUGE, str(checkpoints["safetensors"])), ({**MOBILE, "num_classes": 2000, "fpn_channels": 512}, str(checkpoints["pt"]))]
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps(cases)],
+        capture_output=True, text=True, timeout=120, check=True, cwd=Path(__file__).parents[2],
+    )
+    growth_mib = [int(line) for line in out.stdout.split()]
+    assert len(growth_mib) == 2 and max(growth_mib) < 100, growth_mib

@@ -141,3 +141,52 @@ def test_concurrent_claims_have_one_winner(session_factory, make_job, queued):
     with session_factory() as s:
         final = leases.get_job(s, job_id=job.id)
     assert final.lease_owner == winners[0] and final.attempts == (1 if queued else 2)
+
+
+def _causes(session, job_id: str) -> list[tuple[int, str | None]]:
+    job = leases.get_job(session, job_id=job_id)
+    session.refresh(job)
+    return [(a.number, a.cause) for a in job.attempt_history]
+
+
+def test_attempts_are_recorded_with_their_cause(session, make_job):
+    job = make_job()
+    leases.claim_job(session, job_id=job.id, worker_id="w1", lease_seconds=30)
+    assert _causes(session, job.id) == [(1, None)]  # running
+    assert leases.restart_attempt(session, job_id=job.id, worker_id="w2", cause="x", lease_seconds=30,
+                                  max_attempts=3) is None  # not the holder
+    assert leases.restart_attempt(session, job_id=job.id, worker_id="w1", cause="killed by SIGKILL",
+                                  lease_seconds=30, max_attempts=3) == 2
+    assert leases.restart_attempt(session, job_id=job.id, worker_id="w1", cause="again", lease_seconds=30,
+                                  max_attempts=3) == 3
+    assert leases.restart_attempt(session, job_id=job.id, worker_id="w1", cause="no more", lease_seconds=30,
+                                  max_attempts=3) is None  # out of attempts: attempt 3 stays open
+    assert leases.finish_job(session, job_id=job.id, worker_id="w1", status="failed", error="E: boom")
+    assert _causes(session, job.id) == [(1, "killed by SIGKILL"), (2, "again"), (3, "E: boom")]
+    assert leases.get_job(session, job_id=job.id).attempts == 3
+
+
+def test_jobs_of_a_dead_worker_are_requeued_at_once(session, make_job):
+    mine, other, cancelled = make_job(), make_job(), make_job()
+    leases.claim_job(session, job_id=mine.id, worker_id="node_1@h:12:abc", lease_seconds=600)
+    leases.claim_job(session, job_id=other.id, worker_id="node_11@h:13:abc", lease_seconds=600)  # another node
+    leases.claim_job(session, job_id=cancelled.id, worker_id="node_1@h:12:def", lease_seconds=600)
+    crud.cancel_job(session, owner_id=make_job.owner_id, job_id=cancelled.id)
+    # LIKE wildcards in the prefix ("_") are taken literally.
+    assert leases.requeue_jobs_of_worker(session, worker_prefix="node_1@h:") == [mine.id]
+    assert leases.get_job(session, job_id=mine.id).status == "queued"
+    assert leases.get_job(session, job_id=other.id).status == "running"
+    assert leases.get_job(session, job_id=cancelled.id).status == "cancelled"
+    assert _causes(session, mine.id) == [(1, "worker died")]
+
+
+def test_claim_next_job_takes_the_oldest_queued_job_first(session, make_job):
+    older, newer = make_job(), make_job()
+    leases.claim_job(session, job_id=older.id, worker_id="dead", lease_seconds=600)
+    assert leases.requeue_jobs_of_worker(session, worker_prefix="dead") == [older.id]
+    # The newer job's message comes first, but the requeued older job runs first.
+    first = leases.claim_next_job(session, job_id=newer.id, worker_id="w", lease_seconds=30)
+    assert first.id == older.id and first.attempts == 2
+    second = leases.claim_next_job(session, job_id=older.id, worker_id="w2", lease_seconds=30)
+    assert second.id == newer.id
+    assert leases.claim_next_job(session, job_id=newer.id, worker_id="w3", lease_seconds=30) is None

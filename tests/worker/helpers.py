@@ -86,3 +86,52 @@ def processes_in(directory: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def ghost_job(db, dataset_ids: dict[str, str], tiny_dataset: dict[str, Any], *, max_iters: int) -> str:
+    """A valid job inserted straight into the database (no message sent), then leased by a
+    "ghost" worker that never runs it."""
+    from gid.embedded import LOCAL_OWNER
+    from gid_core.config import JobConfig
+    from service import crud, leases
+    from service.core.db import session_scope
+
+    engine = JobConfig(
+        kind="train", student=tiny_student(),
+        data={"train_annotations": tiny_dataset["train_annotations"], "train_images": tiny_dataset["train_images"]},
+        hyperparameters=tiny_hyperparameters(max_iters=max_iters), devices=1,
+    )
+    with session_scope(db) as s:
+        owner = crud.get_or_create_owner(s, name=LOCAL_OWNER)
+        job, _ = crud.create_job(
+            s, owner_id=owner.id, kind="train", name="ghost", config={}, engine_config=engine.model_dump(mode="json"),
+            request_hash="0" * 64, idempotency_key=None, train_dataset_id=dataset_ids["train"],
+        )
+        claimed = leases.claim_job(s, job_id=job.id, worker_id="ghost", lease_seconds=600)
+        assert claimed is not None
+        return job.id
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s"
+        time.sleep(0.1)
+    return value
+
+
+def training_processes(output_dir: Path) -> dict[str, list[int]]:
+    """The live training tree of a job: ``runner`` (the worker's child) and ``ranks`` (spawned DDP
+    processes), told apart by their command lines."""
+    tree: dict[str, list[int]] = {"runner": [], "ranks": []}
+    for pid in processes_in(output_dir):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.runner" in cmdline:
+            tree["runner"].append(pid)
+        elif any(b"spawn_main" in part for part in cmdline):
+            tree["ranks"].append(pid)
+    return tree

@@ -60,8 +60,11 @@ def test_train_teacher_then_distill_over_http(stack, api, dataset_ids, worker_tm
     assert any(name.startswith("gi/") for name in series), sorted(series)
     # Artifacts carry the sha256 of the files on disk.
     artifacts = {a["name"]: a for a in api.get(f"/v1/jobs/{job['id']}/artifacts")}
-    assert {"model.safetensors", "metadata.json", "metrics.json", "checkpoint.pt", "attempt-1.log"} <= set(artifacts)
+    assert {"model.safetensors", "metadata.json", "metrics.json", "attempt-1.log"} <= set(artifacts)
     output_dir = stack.data_dir / "jobs" / job["id"]
+    # Retention (GID_KEEP_CHECKPOINTS_AFTER_SUCCESS=false by default): a succeeded job's training
+    # checkpoints are deleted; the export, metrics and logs stay.
+    assert "checkpoint.pt" not in artifacts and not (output_dir / "checkpoints").exists()
     assert artifacts["model.safetensors"]["sha256"] == sha256_file(output_dir / "export" / "model.safetensors")
     assert json.loads((output_dir / "metrics.json").read_text())["AP"] == job["final_metrics"]["AP"]
     model_row = api.get(f"/v1/models/{job['output_model_id']}")

@@ -87,3 +87,62 @@ def test_gid_up_refuses_a_busy_port(tmp_path: Path):
         out = subprocess.run([sys.executable, "-m", "gid", "up", "--data-dir", str(tmp_path), "--port",
                               str(port)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"port {port} is already in use" in out.stderr
+
+
+def _child_pid(data_dir: Path, parent: int, marker: bytes) -> int | None:
+    """The live child of ``parent`` (`gid up`) whose command line has ``marker`` (Redis works in
+    ``<data dir>/redis``)."""
+    for pid in processes_in(data_dir) + processes_in(data_dir / "redis"):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def test_second_gid_up_on_the_same_data_dir_refuses(tmp_path: Path):
+    data_dir, port = tmp_path / "gid", free_port()
+    proc, _ = start_up(data_dir, port)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GID_")}
+        out = subprocess.run([sys.executable, "-m", "gid", "up", "--data-dir", str(data_dir), "--port",
+                              str(free_port())], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 1, out.stderr
+        assert f"another `gid up` (pid {proc.pid}) is running on {data_dir}" in out.stderr
+        # The first stack is untouched: its url file, its API.
+        assert (data_dir / "url").read_text().strip() == f"http://127.0.0.1:{port}"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        redis_dir = data_dir / "redis"  # one Redis on its append-only file
+        assert sum(b"redis-server" in Path(f"/proc/{p}/cmdline").read_bytes() for p in processes_in(redis_dir)) == 1
+    finally:
+        stop_up(proc, signal.SIGTERM, data_dir)
+
+
+def test_gid_up_restarts_a_dead_worker_and_redis_and_keeps_serving(tmp_path: Path):
+    data_dir, port = tmp_path / "gid", free_port()
+    proc, _ = start_up(data_dir, port)
+    url = f"http://127.0.0.1:{port}"
+    token = (data_dir / "token").read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        for marker, ready in ((b"worker", b" ready."), (b"redis-server", b"Ready to accept connections")):
+            name = "worker" if marker == b"worker" else "redis"
+            log = data_dir / "logs" / f"{name}.log"
+            offset = log.stat().st_size
+            dead = _child_pid(data_dir, proc.pid, b"gid\0worker" if name == "worker" else marker)
+            assert dead is not None
+            os.kill(dead, signal.SIGKILL)
+            deadline = time.monotonic() + 90
+            while ready not in log.read_bytes()[offset:]:
+                # The API serves all along.
+                assert httpx.get(f"{url}/v1/jobs", headers=headers, timeout=5).status_code == 200
+                assert proc.poll() is None, "gid up exited"
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            new = _child_pid(data_dir, proc.pid, b"gid\0worker" if name == "worker" else marker)
+            assert new is not None and new != dead
+        assert httpx.get(f"{url}/v1/jobs", headers=headers, timeout=5).status_code == 200
+    finally:
+        stop_up(proc, signal.SIGTERM, data_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -10,12 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service import crud, datasets
+from gid_core.fileio import loads_finite
+from service import crud, datasets, deletion
 from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
+from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
+from service.api.responses import AUTHENTICATED, error_responses
 from service.errors import FieldErrors, field_error
 from service.schemas import DatasetOut, DatasetPathCreate, Page
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=StrictJSONRoute, responses=AUTHENTICATED)
 
 _REQUEST_BODY = {
     "required": True,
@@ -36,7 +40,10 @@ _REQUEST_BODY = {
 }
 
 
-@router.post("", status_code=201, response_model=DatasetOut, openapi_extra={"requestBody": _REQUEST_BODY})
+@router.post(
+    "", status_code=201, response_model=DatasetOut, openapi_extra={"requestBody": _REQUEST_BODY},
+    responses=error_responses(400, 403),
+)
 async def register_dataset(
     request: Request, owner: CurrentOwner, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ):
@@ -58,20 +65,23 @@ async def register_dataset(
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(
     owner: CurrentOwner, session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ):
     items, total = crud.list_datasets(session, owner_id=owner.id, limit=limit, offset=offset)
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
 def get_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep):
     return crud.get_dataset(session, owner_id=owner.id, dataset_id=dataset_id)
 
 
 def _path_body(raw: bytes) -> DatasetPathCreate:
     try:
-        return DatasetPathCreate.model_validate_json(raw)
+        # Parsed here, not by pydantic's JSON mode, which accepts NaN and Infinity.
+        return DatasetPathCreate.model_validate(loads_finite(raw))
+    except json.JSONDecodeError as e:
+        raise FieldErrors.one(["body"], f"must be a JSON object: {e.msg}", "json_invalid") from None
     except ValidationError as e:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
         raise RequestValidationError(errors) from None
@@ -88,3 +98,11 @@ def _upload_fields(form) -> tuple[str, UploadFile, UploadFile]:
     if errors:
         raise FieldErrors(errors)
     return name, form["annotations"], form["images"]
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
+def delete_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
+    """Delete a dataset: an uploaded one's files are freed; one registered by path is only
+    unregistered (its folder is yours). 409 while a queued or running job uses it; finished jobs
+    keep its id, which answers 404 from now on."""
+    deletion.delete_dataset(session, storage, owner_id=owner.id, dataset_id=dataset_id)

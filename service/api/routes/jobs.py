@@ -7,16 +7,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from service import crud, jobspec, queue
-from service.api.deps import CurrentOwner, SessionDep, SettingsDep
+from service import crud, deletion, jobspec, queue
+from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
 from service.api.files import FILE_RESPONSES, file_response
+from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
+from service.api.responses import AUTHENTICATED, error_responses
 from service.schemas import ArtifactOut, JobCreate, JobOut, MetricsOut, Page
 from service.status import JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute, responses=AUTHENTICATED)
 
 
-@router.post("", status_code=201, response_model=JobOut, responses={200: {"description": "idempotent replay"}})
+@router.post(
+    "", status_code=201, response_model=JobOut,
+    responses={200: {"description": "idempotent replay"}, **error_responses(409)},
+)
 def submit_job(
     body: JobCreate,
     response: Response,
@@ -30,10 +35,11 @@ def submit_job(
     With an ``Idempotency-Key`` header a retried submission returns the first job (200); the same
     key with a different body is a 409."""
     job, created = jobspec.submit_job(
-        session, owner_id=owner.id, request=body, idempotency_key=idempotency_key, max_devices=settings.max_devices
+        session, owner_id=owner.id, request=body, idempotency_key=idempotency_key, settings=settings
     )
     if created:
-        queue.enqueue_job(job.id, broker_url=settings.redis_url)  # after the commit; failures are swept
+        # After the commit, bounded in time: a down or hung broker leaves the job queued for the sweep.
+        queue.enqueue_job(job.id, broker_url=settings.redis_url, timeout=settings.broker_timeout_seconds)
     else:
         response.status_code = 200
     return job
@@ -45,25 +51,25 @@ def list_jobs(
     session: SessionDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ):
     """Newest first."""
     items, total = crud.list_jobs(session, owner_id=owner.id, status=status, limit=limit, offset=offset)
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
 def get_job(job_id: str, owner: CurrentOwner, session: SessionDep):
     return crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut)
+@router.get("/{job_id}/metrics", response_model=MetricsOut, responses=error_responses(404))
 def get_metrics(
     job_id: str,
     owner: CurrentOwner,
     session: SessionDep,
     names: Annotated[str | None, Query(description="comma-separated series names; all when absent")] = None,
-    since_step: Annotated[int | None, Query(description="only points with a larger step")] = None,
+    since_step: Annotated[int | None, Query(ge=-MAX_QUERY_INT, le=MAX_QUERY_INT, description="only points with a larger step")] = None,
     max_points: Annotated[int, Query(ge=1, le=10_000, description="per series, downsampled by step")] = 1000,
 ):
     crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
@@ -73,20 +79,27 @@ def get_metrics(
     return MetricsOut(job_id=job_id, series=series, last_step=last)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"description": "already finished"}})
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep):
     """Queued: cancelled at once. Running: ``cancel_requested`` is set and the worker stops it."""
     return crud.cancel_job(session, owner_id=owner.id, job_id=job_id)
 
 
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=error_responses(404))
 def list_artifacts(job_id: str, owner: CurrentOwner, session: SessionDep):
     crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
     return crud.list_artifacts(session, job_id=job_id)
 
 
-@router.get("/{job_id}/artifacts/{name:path}", responses=FILE_RESPONSES)
+@router.get("/{job_id}/artifacts/{name:path}", responses={**FILE_RESPONSES, **error_responses(404)})
 def download_artifact(job_id: str, name: str, request: Request, owner: CurrentOwner, session: SessionDep):
     crud.get_owned_job(session, owner_id=owner.id, job_id=job_id)
     artifact = crud.get_artifact(session, job_id=job_id, name=name)
     return file_response(request, artifact.path, sha256=artifact.sha256, filename=artifact.name)
+
+
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409))
+def delete_job(job_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
+    """Delete a finished job: its record, metrics, artifacts and folder (checkpoints, logs). The
+    model it produced stays (``source_job_id`` becomes null). 409 while queued or running."""
+    deletion.delete_job(session, storage, owner_id=owner.id, job_id=job_id)

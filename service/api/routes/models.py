@@ -7,15 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from service import checkpoints, crud
+from service import checkpoints, crud, deletion
 from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
 from service.api.files import FILE_RESPONSES, file_response
+from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
+from service.api.responses import AUTHENTICATED, error_responses
 from service.schemas import ModelOut, Page
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=StrictJSONRoute, responses=AUTHENTICATED)
 
 
-@router.post("", status_code=201, response_model=ModelOut)
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400))
 async def upload_model(
     owner: CurrentOwner,
     session: SessionDep,
@@ -36,19 +38,26 @@ async def upload_model(
 @router.get("", response_model=Page[ModelOut])
 def list_models(
     owner: CurrentOwner, session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=MAX_QUERY_INT)] = 0,
 ):
     items, total = crud.list_models(session, owner_id=owner.id, limit=limit, offset=offset)
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{model_id}", response_model=ModelOut)
+@router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
 def get_model(model_id: str, owner: CurrentOwner, session: SessionDep):
     return crud.get_model(session, owner_id=owner.id, model_id=model_id)
 
 
-@router.get("/{model_id}/download", responses=FILE_RESPONSES)
+@router.get("/{model_id}/download", responses={**FILE_RESPONSES, **error_responses(404)})
 def download_model(model_id: str, request: Request, owner: CurrentOwner, session: SessionDep):
     model = crud.get_model(session, owner_id=owner.id, model_id=model_id)
     suffix = model.path[model.path.rfind(".") :]
     return file_response(request, model.path, sha256=model.sha256, filename=f"{model.id}{suffix}")
+
+
+@router.delete("/{model_id}", status_code=204, responses=error_responses(404, 409))
+def delete_model(model_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
+    """Delete a model and free its file. 409 while a queued or running job uses it (teacher or
+    initial weights); finished jobs keep its id, which answers 404 from now on."""
+    deletion.delete_model(session, storage, owner_id=owner.id, model_id=model_id)
