@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -325,8 +326,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Several processes need the app as an import string (uvicorn imports it in each one); each
     # builds its own engine and pools, and start-up migrations are serialised (service.migrate).
     workers = args.workers or settings.api_workers
-    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level.lower(), proxy_headers=True, workers=workers)
+    if workers == 1:
+        uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port,
+                    log_level=args.log_level.lower(), proxy_headers=True)
+        return 0
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("service.main:create_app", factory=True, host=args.host, port=args.port,
+                            log_level=args.log_level.lower(), proxy_headers=True, workers=workers)
+    sock = config.bind_socket()
+    # uvicorn binds the shared socket with proto 0, so asyncio does not set TCP_NODELAY on the
+    # connections it accepts, and Nagle + delayed ACK add ~40 ms to every keep-alive response
+    # (measured: p50 46 vs 4 ms). Accepted sockets inherit the option from the listener on Linux.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()
     return 0
 
 
