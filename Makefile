@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 # Two cores: keep BLAS/OMP threads from oversubscribing when DDP spawns several processes.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv lock test test-fast demo bench-quality bench-speed bench-service clean
+.PHONY: venv lock test test-fast demo bench-quality bench-speed bench-service bench-coco-scale gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -33,11 +33,21 @@ lock:
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable --exclude pip --exclude setuptools --exclude wheel; } > requirements.lock
 	rm -rf $(LOCK_VENV)
 
-test: $(STAMP)
+# The dashboard's browser test drives Debian's chromium through its chromedriver: installed once
+# (root, or through sudo) when either is missing.
+BROWSER_STAMP := $(VENV)/.chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q --timeout 900 tests
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(ARGS)
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality $(ARGS)
@@ -47,6 +57,26 @@ bench-speed: $(STAMP)
 
 bench-service: $(STAMP)
 	$(PY) -m benchmarks.service $(ARGS)
+
+# Registers a COCO-2017-train-shaped dataset (118 k images, 860 k boxes): time and peak RSS.
+bench-coco-scale: $(STAMP)
+	$(PY) -m benchmarks.coco_scale $(ARGS)
+
+# GPU machines have a Python 3.12 with torch and torchvision but no network: `make gpu-wheels`
+# (here, with network) fetches the rest of what gid_core and the check import into wheels/;
+# `make gpu-check` (there) installs them offline into a venv on top of the system's torch when
+# they are missing, then runs the check (it exits 0 at once without CUDA).
+GPU_PYTHON  ?= python3
+GPU_VENV    := .gpu-venv
+GPU_WHEELS  := wheels
+GPU_REQS    := pydantic numpy safetensors pycocotools scikit-learn scikit-image pyyaml tqdm
+GPU_IMPORTS := import pydantic, numpy, safetensors, pycocotools, sklearn, skimage, yaml, tqdm
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --python-version 3.12 --only-binary=:all: -d $(GPU_WHEELS) -c requirements.lock $(GPU_REQS)
+
+gpu-check:
+	@if $(GPU_PYTHON) -c "$(GPU_IMPORTS)" 2>/dev/null; then py=$(GPU_PYTHON); else 	  test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV); 	  $(GPU_VENV)/bin/python -m pip install -q --no-index --find-links $(GPU_WHEELS) $(GPU_REQS) || exit 1; 	  py=$(GPU_VENV)/bin/python; fi; 	$$py -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf .demo .pytest_cache $(LOCK_VENV)

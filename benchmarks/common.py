@@ -36,10 +36,11 @@ STUDENT = {"backbone": "resnet18", "fpn_channels": 32}  # light backbone, narrow
 
 
 def detector_config(num_classes: int, image_size: int, *, backbone: str, fpn_channels: int, norm: str = "gn",
-                    weights: str | None = None) -> ModelConfig:
-    """A RetinaNet (GroupNorm in backbone and head by default) with small-image anchors, at ``image_size``."""
+                    weights: str | None = None, arch: str = "retinanet") -> ModelConfig:
+    """A RetinaNet (or ``arch``; GroupNorm in backbone and head by default) with small-image anchors,
+    at ``image_size``."""
     return ModelConfig(
-        arch="retinanet", backbone=backbone, num_classes=num_classes, fpn_channels=fpn_channels, norm=norm,
+        arch=arch, backbone=backbone, num_classes=num_classes, fpn_channels=fpn_channels, norm=norm,
         min_size=image_size, max_size=image_size, anchor_sizes=SMALL_IMAGE_ANCHORS, weights=weights,
     )
 

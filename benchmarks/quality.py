@@ -6,7 +6,8 @@ On the project's synthetic detection set (fixed seed, disjoint train and val spl
    ``benchmarks/cache/teacher-<hash of dataset + job>`` so later runs (quick or full) skip it;
 2. under one fixed training budget, train the student (RetinaNet, light backbone, narrow FPN)
    (a) alone, (b) with full GID, (c)-(e) with only the feature, only the relation, only the
-   response loss, each with several seeds;
+   response loss, and the two peer methods (f) FitNet imitation of whole FPN maps and (g) the
+   response loss on every dense prediction (``DistillConfig.method``), each with several seeds;
 3. report COCOeval AP, AP50, AP75, APs/m/l (mean and sample std over seeds) as a table shaped like
    the paper's ablation, and plot val AP against iteration for the baseline and GID students.
 
@@ -24,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from gid_core.hooks import EvalHook
 from gid_core.jobdir import EXPORT_WEIGHTS
 from gid_core.trainer import HookBase
 
+from . import semi_supervised
 from .common import (
     CACHE_DIR,
     STUDENT,
@@ -54,19 +56,33 @@ from .common import (
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # arm -> (kind, which GID losses are on); "baseline" trains the student alone.
-ARMS: dict[str, tuple[str, dict[str, bool]]] = {
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("train", {}),
     "feature": ("distill", {"use_feature": True, "use_relation": False, "use_response": False}),
     "relation": ("distill", {"use_feature": False, "use_relation": True, "use_response": False}),
     "response": ("distill", {"use_feature": False, "use_relation": False, "use_response": True}),
     "gid": ("distill", {"use_feature": True, "use_relation": True, "use_response": True}),
+    # ablations of issue #9: losses as raw sums (not scaled to 256 channels / 80 classes), and
+    # Faster R-CNN (--arch fasterrcnn) without its second stage
+    "gid_raw_losses": ("distill", {"use_feature": True, "use_relation": True, "use_response": True,
+                                   "normalize_losses": False}),
+    "gid_first_stage": ("distill", {"use_feature": True, "use_relation": True, "use_response": True,
+                                    "second_stage": False}),
+    # peer methods of issue #12 (DistillConfig.method): same teacher, budget, seeds and loss weights
+    "fitnet": ("distill", {"method": "fitnet"}),
+    "dense_response": ("distill", {"method": "dense_response"}),
 }
+DEFAULT_ARMS = ("baseline", "feature", "relation", "response", "gid", "fitnet", "dense_response")
 ARM_LABELS = {
     "baseline": "Student (no distillation)",
     "feature": "+ feature only",
     "relation": "+ relation only",
     "response": "+ response only",
     "gid": "GID (all three)",
+    "gid_raw_losses": "GID, raw loss sums",
+    "gid_first_stage": "GID, RPN only (no 2nd stage)",
+    "fitnet": "FitNet (whole FPN maps)",
+    "dense_response": "Response on all predictions",
 }
 
 log = logging.getLogger("benchmarks.quality")
@@ -77,6 +93,7 @@ class Plan:
     """One benchmark configuration: data, teacher recipe, student budget, arms and seeds."""
 
     name: str
+    arch: str = "retinanet"  # teacher and student; "fasterrcnn" for the second-stage ablation
     # data (the synthetic generator's settings)
     image_size: int = 64
     num_classes: int = 3
@@ -103,18 +120,18 @@ class Plan:
     student_iters: int = 1000
     eval_points: int = 6  # val evaluations during a student run (for the AP-vs-iteration plot)
     seeds: tuple[int, ...] = (0, 1)
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig overrides
 
     def teacher_model(self, weights: str | None = None) -> ModelConfig:
-        return teacher_model_config(self.num_classes, self.image_size, weights=weights,
+        return teacher_model_config(self.num_classes, self.image_size, weights=weights, arch=self.arch,
                                     backbone=self.teacher_backbone, fpn_channels=self.teacher_fpn, norm=self.norm)
 
     def student_model(self) -> ModelConfig:
-        return student_model_config(self.num_classes, self.image_size,
+        return student_model_config(self.num_classes, self.image_size, arch=self.arch,
                                     backbone=self.student_backbone, fpn_channels=self.student_fpn, norm=self.norm)
 
-    def distill_config(self, **switches: bool) -> DistillConfig:
+    def distill_config(self, **switches: Any) -> DistillConfig:
         # The paper's ROI level rule maps a 224 px box to P4 on ~800 px images; keep the same
         # box-to-image ratio on our small images (a documented DistillConfig field).
         base = {"roi_canonical_scale": 224.0 * self.image_size / 800.0}
@@ -143,7 +160,7 @@ def _data_config(data: dict) -> DataConfig:
     )
 
 
-def _hyperparameters(plan: Plan, *, max_iters: int, seed: int, eval_period: int | None, **distill: bool) -> Hyperparameters:
+def _hyperparameters(plan: Plan, *, max_iters: int, seed: int, eval_period: int | None, **distill: Any) -> Hyperparameters:
     return Hyperparameters(
         max_iters=max_iters, batch_size=plan.batch_size, lr=plan.lr, warmup_iters=min(plan.warmup_iters, max_iters // 4),
         schedule="cosine", grad_clip=plan.grad_clip, amp=False, num_workers=0, seed=seed,
@@ -247,13 +264,15 @@ def train_teacher(plan: Plan, data: dict, *, retrain: bool = False) -> dict[str,
             "dir": stages[-1]["dir"], "stages": stages, "iters": done}
 
 
-def run_student(plan: Plan, data: dict, arm: str, seed: int, teacher_weights: str, threads: int | None = None) -> dict[str, Any]:
+def run_student(plan: Plan, data: dict, arm: str, seed: int, teacher_weights: str, threads: int | None = None,
+                job_fn: Callable[..., JobConfig] | None = None) -> dict[str, Any]:
     """One student training through the engine; ``threads`` sets torch's intra-op threads (for
-    runs in worker processes)."""
+    runs in worker processes); ``job_fn`` builds the job instead of ``student_job`` (same
+    arguments; a top-level function: it is pickled to worker processes)."""
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    job = student_job(plan, data, arm, seed, teacher_weights)
+    job = (job_fn or student_job)(plan, data, arm, seed, teacher_weights)
     out = CACHE_DIR / "runs" / plan.name / f"{arm}-seed{seed}"
     if out.exists():
         shutil.rmtree(out)  # a benchmark run always trains afresh
@@ -265,7 +284,8 @@ def run_student(plan: Plan, data: dict, arm: str, seed: int, teacher_weights: st
 
 
 def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int,
-                 reuse: dict[tuple[str, int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 reuse: dict[tuple[str, int], dict[str, Any]] | None = None,
+                 job_fn: Callable[..., JobConfig] | None = None) -> list[dict[str, Any]]:
     """Every (seed, arm) run, ``workers`` at a time in spawned processes (each with an equal share
     of the cores), or in this process when ``workers`` is 1; runs found in ``reuse`` are taken
     from there instead. Results in (seed, arm) order."""
@@ -284,7 +304,7 @@ def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int,
         report(r)
     if workers <= 1 or len(tasks) <= 1:
         for arm, seed in tasks:
-            done[arm, seed] = run_student(plan, data, arm, seed, teacher_weights)
+            done[arm, seed] = run_student(plan, data, arm, seed, teacher_weights, None, job_fn)
             report(done[arm, seed])
         return [done[t] for t in order]
     import multiprocessing as mp
@@ -292,7 +312,7 @@ def run_students(plan: Plan, data: dict, teacher_weights: str, *, workers: int,
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_student, plan, data, arm, seed, teacher_weights, threads): (arm, seed)
+        futures = {pool.submit(run_student, plan, data, arm, seed, teacher_weights, threads, job_fn): (arm, seed)
                    for arm, seed in tasks}
         for future in as_completed(futures):
             r = future.result()
@@ -321,17 +341,20 @@ def reusable_runs(plan: Plan, paths: Sequence[Path]) -> dict[tuple[str, int], di
 
 
 def _comparable(plan: dict[str, Any]) -> dict[str, Any]:
-    # Through JSON, so tuples and lists compare equal.
+    # Through JSON, so tuples and lists compare equal. A field a file lacks was added later (arch):
+    # the run had its default.
+    plan = {"arch": Plan.arch, **plan}
     return {k: v for k, v in json.loads(json.dumps(plan)).items() if k not in ("name", "arms", "seeds")}
 
 
 # ------------------------------------------------------------------------------------ report
 
 
-def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per arm: mean / std / values of every metric over seeds (None values are skipped)."""
+def aggregate(runs: Sequence[dict[str, Any]], arms: Iterable[str] = ARMS) -> dict[str, dict[str, Any]]:
+    """Per arm of ``arms`` (in that order): mean / std / values of every metric over seeds (None
+    values are skipped)."""
     out: dict[str, dict[str, Any]] = {}
-    for arm in ARMS:
+    for arm in arms:
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
@@ -429,7 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"short student budget ({QUICK.student_iters} iterations)")
     parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1)")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="arms to run (default: all)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS),
+                        help=f"arms to run (default: {' '.join(DEFAULT_ARMS)})")
+    parser.add_argument("--arch", choices=["retinanet", "fasterrcnn"], default="retinanet",
+                        help="teacher and student detector (fasterrcnn: compare arms gid and gid_first_stage)")
     parser.add_argument("--student-iters", type=int)
     parser.add_argument("--teacher-stages", type=int, nargs="+", help="teacher cosine cycles (iterations each)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -439,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="take (arm, seed) runs from these earlier result files of the same plan")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--tag", help="result file name suffix (default: the plan name)")
+    semi_supervised.add_arguments(parser)  # --labeled-fraction: the unlabeled-images protocol
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
@@ -458,7 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["teacher_stages"] = tuple(args.teacher_stages)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.arch != "retinanet":
+        overrides["arch"] = args.arch
+    elif args.arms and "gid_first_stage" in args.arms:
+        parser.error("gid_first_stage ablates Faster R-CNN's second stage: add --arch fasterrcnn")
     plan = replace(plan, **overrides)
+    if args.labeled_fraction is not None:
+        semi_supervised.check_arguments(parser, args)
+        return semi_supervised.run(plan, args, list(sys.argv[1:] if argv is None else argv))
     try:
         reuse = reusable_runs(plan, args.reuse)
     except ValueError as e:

@@ -22,6 +22,9 @@ The headline is ``overhead_ratio = t(c) / (t(a) + t(b))``: 1.0 means distillatio
 beyond running the student step and the teacher forward it needs. The three kinds of timing are
 interleaved iteration by iteration so that load from other processes hits them alike.
 
+``--compare-previous`` times only the GID step now against the implementations it replaced
+(swapped back in from ``tests/gid_core/test_gid_speed_exactness.py``), interleaved.
+
 ``--profile`` adds a ``torch.profiler`` table of a few GID steps (top operators by self time, and
 the count of ops that synchronise host and device on a GPU).
 """
@@ -29,6 +32,7 @@ the count of ops that synchronise host and device on a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 from collections.abc import Sequence
@@ -297,6 +301,59 @@ def measure(
     return result
 
 
+def compare_previous(setting: SpeedSetting, *, iters: int = 6, warmup: int = 1, device: torch.device | str = "cpu",
+                     data_dir: Path | None = None) -> dict[str, Any]:
+    """The GID step now vs with the implementations it replaced swapped back in (kept, with their
+    exactness checks, in ``tests/gid_core/test_gid_speed_exactness.py``), interleaved step by step
+    with the student step and the teacher forward, so that load from other processes hits them
+    alike; which GID variant runs first alternates. Medians and the load average around the run."""
+    import os
+
+    from tests.gid_core.test_gid_speed_exactness import previous_implementations
+
+    device = torch.device(device)
+    images, targets = load_batch(setting, data_dir)
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+    teacher, distiller = build_models(setting, device=device)
+    previous, student = copy.deepcopy(distiller), copy.deepcopy(distiller.student).train()
+    opts = {"now": _sgd(distiller.parameters()), "previous": _sgd(previous.parameters())}
+    opt_student = _sgd(student.parameters())
+
+    def teacher_forward():
+        with torch.no_grad():
+            image_list, _ = distiller.student.transform(images)
+            distiller.view(teacher, image_list, distiller._anchors)
+
+    def gid(name: str) -> float:
+        model = distiller if name == "now" else previous
+        with previous_implementations() if name == "previous" else contextlib.nullcontext():
+            return timed(lambda: train_step(model, opts[name], images, targets), device)[0]
+
+    keys = ("student_step", "teacher_forward", "gid_step", "gid_step_previous")
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    load_before = os.getloadavg()[0]
+    for i in range(warmup + iters):
+        t_a, _ = timed(lambda: train_step(student, opt_student, images, targets), device)
+        t_b, _ = timed(teacher_forward, device)
+        order = ("now", "previous") if i % 2 == 0 else ("previous", "now")
+        t_gid = {name: gid(name) for name in order}
+        if i >= warmup:
+            for key, value in (("student_step", t_a), ("teacher_forward", t_b), ("gid_step", t_gid["now"]),
+                               ("gid_step_previous", t_gid["previous"])):
+                samples[key].append(value)
+    times = {k: median(v) for k, v in samples.items()}
+    floor = times["student_step"] + times["teacher_forward"]
+    return {
+        "setting": asdict(setting), "iters": iters, "warmup": warmup, "device": str(device),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "times_ms": {k: 1e3 * v for k, v in times.items()},
+        "overhead_ratio": times["gid_step"] / floor,
+        "overhead_ratio_previous": times["gid_step_previous"] / floor,
+        "samples_ms": {k: [round(1e3 * x, 3) for x in v] for k, v in samples.items()},
+    }
+
+
 def _sync_counts(averages, steps: int) -> dict[str, float]:
     return {e.key: e.count / steps for e in averages if e.key in SYNC_OPS}
 
@@ -424,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ks", type=int, nargs="*", default=[5, 10, 20, 40])
     parser.add_argument("--no-sweep", action="store_true", help="only the base setting")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compare-previous", action="store_true", help="only: the GID step now vs with the "
+                        "implementations it replaced (tests/gid_core/test_gid_speed_exactness.py), interleaved, "
+                        "on the base setting; --iters timed steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--data-dir", type=Path, default=None, help="where to generate the input images "
@@ -434,6 +494,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     base = setting_from_args(parser, args)
     print(f"machine: {machine_info()}", flush=True)
+    if args.compare_previous:
+        r = compare_previous(base, iters=args.iters, warmup=args.warmup, device=args.device, data_dir=args.data_dir)
+        t = r["times_ms"]
+        print(format_table(
+            ["setting", "student step", "teacher fwd", "GID step previous", "GID step now", "ratio previous",
+             "ratio now", "load avg"],
+            [[f"batch {base.batch_size}, {base.image_size} px, K {base.top_k}", t["student_step"],
+              t["teacher_forward"], t["gid_step_previous"], t["gid_step"], r["overhead_ratio_previous"],
+              r["overhead_ratio"], "%.1f-%.1f" % tuple(r["load_average_1min"])]],
+        ), flush=True)
+        name = f"speed_compare_b{base.batch_size}_s{base.image_size}_k{base.top_k}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / name, {"machine": machine_info(), **r})
+        print(f"wrote {args.out / name}")
+        return 0
     print(f"base setting: {base}  ({args.iters} timed iterations)", flush=True)
     result = measure(base, iters=args.iters, warmup=args.warmup, device=args.device, data_dir=args.data_dir)
     rows = [("base", result)]

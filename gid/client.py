@@ -6,7 +6,11 @@
 
     with Client.from_environment() as client:           # GID_URL / GID_TOKEN, or what `gid up` wrote
         job = client.submit_job(json.load(open("job.json")))
-        job = client.wait_for_job(job["id"], on_update=lambda j: print(j["progress"]))
+        job = client.wait_for_job(job["id"], on_update=lambda j: print(j["progress"]))  # follows events
+        for text in client.logs(job["id"], tail=20, follow=True):  # the training's output, live
+            print(text, end="")
+        for event in client.events(job["id"], after=0):  # Server-Sent Events: status, progress, metric, final
+            print(event.id, event.event, event.data)
         client.download(f"/v1/models/{job['output_model_id']}/download", Path("student.safetensors"))
 
 Responses are the API's JSON (``dict``); the schemas are in the OpenAPI document at ``/docs``.
@@ -20,9 +24,11 @@ Only ``httpx`` and the job status names: the client runs without the server's li
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -80,6 +86,18 @@ class ApiError(ClientError):
         except (ValueError, AttributeError):  # not JSON, or JSON without a detail
             detail = response.text.strip()[:500]
         return cls(response.status_code, detail, method=response.request.method, path=response.request.url.path)
+
+
+class WeightsHashMismatch(ClientError):
+    """A local file is not torchvision's file of the weights it is imported as."""
+
+    def __init__(self, path: Path, spec: dict[str, Any], sha256: str) -> None:
+        super().__init__(
+            f"{path} is not torchvision's {spec['file_name']} for {spec['name']}: its sha256 {sha256[:16]}... "
+            f"does not start with {spec['hash_prefix']!r} (the hash in the file name); download it again "
+            f"from {spec['url']}"
+        )
+        self.path, self.sha256 = path, sha256
 
 
 class WaitTimeout(ClientError):
@@ -236,24 +254,238 @@ class Client:
         ``{"items", "total", "limit", "offset"}``; ``params`` such as ``limit``, ``status``."""
         return self.get(f"/v1/{resource}", params={k: v for k, v in params.items() if v is not None})
 
-    def register_dataset(self, *, name: str, annotations: str, images: str) -> dict[str, Any]:
-        """Register a COCO dataset by its paths on the server (inside its allowed data roots)."""
-        return self.post("/v1/datasets", json={"name": name, "annotations": annotations, "images": images})
+    def register_dataset(
+        self, *, name: str, annotations: str | None, images: str, unlabeled: bool = False
+    ) -> dict[str, Any]:
+        """Register a COCO dataset by its paths on the server (inside its allowed data roots);
+        ``unlabeled``: images only (``annotations`` optional: a COCO file listing them)."""
+        body: dict[str, Any] = {"name": name, "annotations": annotations, "images": images}
+        if unlabeled:
+            body["unlabeled"] = True
+        return self.post("/v1/datasets", json=body)
+
+    def list_weights(self) -> list[dict[str, Any]]:
+        """torchvision's weights the server knows by name (``GET /v1/weights``), each with its
+        ``file_name``, ``hash_prefix`` and whether the server has the file (``present``)."""
+        return self.get("/v1/weights")
+
+    def import_weights(self, name: str, path: Path) -> dict[str, Any]:
+        """Upload torchvision's file of weights ``name`` into the server's cache. The file's sha256
+        is checked against the prefix in torchvision's file name here first (``WeightsHashMismatch``,
+        nothing sent); the server checks it again."""
+        spec = self.get(f"/v1/weights/{name}")
+        path = Path(path).expanduser()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if not digest.hexdigest().startswith(spec["hash_prefix"]):
+            raise WeightsHashMismatch(path, spec, digest.hexdigest())
+        with open(path, "rb") as f:
+            return self.request("PUT", f"/v1/weights/{spec['name']}", content=f,
+                                headers={"Content-Type": "application/octet-stream"}).json()
+
+    def list_artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's files so far: ``[{"name", "size", "sha256", "created_at"}]``."""
+        return self.get(f"/v1/jobs/{job_id}/artifacts")
+
+    def get_spec(self, kind: str, **params: Any) -> dict[str, Any]:
+        """``GET /v1/specs/{kind}``: ``body`` (a complete request with placeholders), ``placeholders``,
+        ``fields`` (descriptions), ``schema``; ``params`` pick defaults (arch, weights, teacher, ...)."""
+        return self.get(f"/v1/specs/{kind}", params={k: v for k, v in params.items() if v is not None})
+
+    def get_metrics(self, job_id: str, *, names: Iterable[str] | None = None, since_step: int | None = None,
+                    max_points: int | None = None) -> dict[str, dict[str, list]]:
+        """The job's metric series as ``{name: {"steps": [...], "values": [...]}}`` (losses, lr,
+        ``eval/AP``...); ``since_step`` fetches only newer points (pass the last step you have)."""
+        params = {"names": ",".join(names) if names else None, "since_step": since_step, "max_points": max_points}
+        out = self.get(f"/v1/jobs/{job_id}/metrics", params={k: v for k, v in params.items() if v is not None})
+        return {name: {"steps": s["steps"], "values": s["values"]} for name, s in out["series"].items()}
+
+    def create_experiment(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/experiments``: teacher (``model_id``, ``weights`` or ``train``), student,
+        datasets and budget -> a baseline and a GID job (and the teacher's training job)."""
+        return self.post("/v1/experiments", json=body)
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        """The comparison ``table`` (teacher / baseline / gid: AP..., params, seconds), ``jobs``, ``status``."""
+        return self.get(f"/v1/experiments/{experiment_id}")
+
+    def wait_for_experiment(self, experiment_id: str, *, interval: float = 2.0, timeout: float | None = None,
+                            on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll the experiment until it ``succeeded`` or ``failed`` (reading it also releases its
+        GID job once the teacher is trained); ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (exp := self.get_experiment(experiment_id))["status"] not in ("succeeded", "failed"):
+            if on_update is not None:
+                on_update(exp)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"experiment {experiment_id} still {exp['status']} after {timeout} s")
+            time.sleep(interval)
+        return exp
+
+    def upload_dataset(self, *, name: str, annotations: Path, images_zip: Path) -> dict[str, Any]:
+        """Upload a COCO dataset: its annotation JSON and a zip of its images (multipart)."""
+        with open(annotations, "rb") as ann, open(images_zip, "rb") as images:
+            files = {"annotations": (Path(annotations).name, ann, "application/json"),
+                     "images": (Path(images_zip).name, images, "application/zip")}
+            return self.post("/v1/datasets", data={"name": name}, files=files)
+
+    def upload_model(self, path: Path, *, name: str, config: dict[str, Any],
+                     categories: list[str] | None = None) -> dict[str, Any]:
+        """Upload a detector checkpoint (.safetensors, or a weights-only .pt/.pth) with the
+        ``ModelConfig`` that rebuilds it and, optionally, its category names in label order."""
+        form = {"name": name, "config": json.dumps(config)}
+        if categories is not None:
+            form["categories"] = json.dumps(categories)
+        with open(path, "rb") as f:
+            return self.post("/v1/models", data=form, files={"file": (Path(path).name, f, "application/octet-stream")})
 
     def wait_for_job(self, job_id: str, *, interval: float = 1.0, timeout: float | None = None,
                      on_update: Callable[[Job], None] | None = None) -> Job:
-        """Poll the job every ``interval`` seconds until it is succeeded, failed or cancelled and
-        return it; ``on_update`` sees every state polled. Raises ``WaitTimeout`` after ``timeout``."""
+        """Follow the job until it is succeeded, failed or cancelled and return it; ``on_update``
+        sees its state after every change. Raises ``WaitTimeout`` after ``timeout`` seconds.
+
+        Changes come from the job's event stream (``events``); if the stream cannot be used (an
+        older server, a connection that keeps dropping) it polls every ``interval`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get_job(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["status"] in TERMINAL_STATUSES:
-                return job
+        job = self.get_job(job_id)
+        if on_update is not None:
+            on_update(job)
+        if job["status"] not in TERMINAL_STATUSES:
+            try:
+                job = self._wait_with_events(job, deadline, timeout, on_update)
+            except WaitTimeout:
+                raise
+            except ClientError:
+                pass  # fall back to polling
+        while job["status"] not in TERMINAL_STATUSES:
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(job, timeout)
             time.sleep(interval)
+            job = self.get_job(job_id)
+            if on_update is not None:
+                on_update(job)
+        return job
+
+    def _wait_with_events(self, job: Job, deadline: float | None, timeout: float | None,
+                          on_update: Callable[[Job], None] | None) -> Job:
+        for event in self._event_stream(job["id"], deadline=deadline):
+            if event is not None:
+                apply_event(job, event)
+                if on_update is not None:
+                    on_update(job)
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(job, timeout)
+        job = self.get_job(job["id"])  # the stream ended with the job: its final state
+        if on_update is not None:
+            on_update(job)
+        return job
+
+    def events(self, job_id: str, *, after: int | None = None, reconnects: int = 5) -> Iterator["Event"]:
+        """The job's events (``GET /v1/jobs/{id}/events``: ``status``, ``progress``, ``metric``,
+        ``final``) from after event id ``after`` (default: the beginning) until the job ends. A
+        dropped connection is resumed after the last event seen (``Last-Event-ID``), up to
+        ``reconnects`` times in a row."""
+        for event in self._event_stream(job_id, after=after, reconnects=reconnects):
+            if event is not None:
+                yield event
+
+    def _event_stream(self, job_id: str, *, after: int | None = None, reconnects: int = 5,
+                      deadline: float | None = None) -> Iterator["Event | None"]:
+        """``events``, with ``None`` for every keep-alive (so a caller can check a deadline)."""
+        last, failures, path = after, 0, f"/v1/jobs/{job_id}/events"
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            read = None if deadline is None else max(deadline - time.monotonic(), 0.1) + 1.0
+            timeout = httpx.Timeout(self.http.timeout.connect, read=read or self.http.timeout.read)
+            try:
+                with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                    if response.is_error:
+                        response.read()
+                        raise ApiError.from_response(response)
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        raise ClientError(f"GET {path}: not an event stream")
+                    for event in parse_sse(response.iter_lines()):
+                        failures = 0
+                        if event is not None:
+                            last = event.id
+                        yield event
+                return  # the server ended the stream: the job is finished
+            except httpx.TransportError as e:
+                if deadline is not None and time.monotonic() > deadline:
+                    yield None  # let the caller raise its timeout
+                    continue
+                failures += 1
+                if failures > reconnects:
+                    raise self._transport_error(e, "GET", path) from e
+                time.sleep(min(0.5 * 2 ** failures, 5.0))
+
+    def logs(self, job_id: str, *, tail: int | None = None, follow: bool = False) -> Iterator[str]:
+        """The job's log text as it arrives (``GET /v1/jobs/{id}/logs``): all of it, or its last
+        ``tail`` lines; with ``follow``, then what is written until the job ends."""
+        params: dict[str, Any] = {"follow": "true" if follow else "false"}
+        if tail is not None:
+            params["tail"] = tail
+        path = f"/v1/jobs/{job_id}/logs"
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None) if follow else self.http.timeout
+        try:
+            with self.http.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.is_error:
+                    response.read()
+                    raise ApiError.from_response(response)
+                yield from response.iter_text()
+        except httpx.HTTPError as e:
+            raise self._transport_error(e, "GET", path) from e
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a job: ``id`` (growing), ``event`` (``status`` | ``progress`` | ``metric`` |
+    ``final``) and its JSON ``data`` (see ``GET /v1/jobs/{id}/events`` in the OpenAPI document)."""
+
+    id: int
+    event: str
+    data: Any
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event | None]:
+    """Server-Sent Events from text lines: an ``Event`` per message, ``None`` per comment
+    (keep-alive); messages without an integer id or JSON data are skipped."""
+    fields: dict[str, list[str]] = {}
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.startswith(":"):
+            yield None
+            continue
+        if line:
+            name, _, value = line.partition(":")
+            fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+            continue
+        if "data" in fields and "id" in fields:
+            try:
+                yield Event(int(fields["id"][-1]), fields.get("event", ["message"])[-1],
+                            json.loads("\n".join(fields["data"])))
+            except ValueError:
+                pass
+        fields = {}
+
+
+def apply_event(job: Job, event: Event) -> None:
+    """Bring a job dict up to date with one of its events (what ``wait_for_job`` shows)."""
+    if event.event == "status":
+        job["status"] = event.data.get("status", job["status"])
+        for key in ("error", "cancel_requested"):
+            if key in event.data:
+                job[key] = event.data[key]
+        if "attempt" in event.data:
+            job["attempts"] = event.data["attempt"]
+    elif event.event == "progress":
+        job["progress"] = event.data
+    elif event.event == "metric":
+        job["latest_metrics"] = {**event.data.get("values", {}), "iteration": event.data.get("step")}
+    elif event.event == "final":
+        job["final_metrics"] = event.data.get("metrics")
 
 
 class _Download:

@@ -6,7 +6,8 @@
   port of 127.0.0.1, persisting to ``<data_dir>/redis/`` (append-only file), so queued messages
   survive a restart;
 * the API (``gid serve``: uvicorn), which migrates the SQLite database ``<data_dir>/gid.db``;
-* one worker (``gid worker``: a Celery worker with one job slot and the reaper thread).
+* ``workers`` workers (``gid worker``: a Celery worker with one job slot and the reaper thread),
+  one by default; each is a node of its own for multi-node jobs (``--workers N``).
 
 On first start it creates an API token for the owner ``local``, prints it and writes it to
 ``<data_dir>/token`` (mode 0600); the client commands read it from there. ``<data_dir>/url`` holds
@@ -131,6 +132,7 @@ class EmbeddedStack:
     data_roots: Sequence[Path] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
     with_worker: bool = True
+    workers: int = 1  # worker processes, each a node of its own (`gid up --workers N`)
     startup_timeout: float = 120.0
     children: dict[str, Child] = field(default_factory=dict)
     token: str | None = None
@@ -175,6 +177,7 @@ class EmbeddedStack:
             GID_DATA_ROOTS=json.dumps(roots),
             PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
             PYTHONUNBUFFERED="1",
+            GID_WORKER_ADDRESS="127.0.0.1",  # every worker node of `gid up` is on this machine
         )
         # Keep what the user set: the key hashes the tokens; the API process count (`gid serve`
         # reads GID_API_WORKERS, default: cores).
@@ -189,7 +192,16 @@ class EmbeddedStack:
     @property
     def worker_node(self) -> str:
         """The worker's Celery node name: the prefix of its leases' owner ids."""
-        return f"gid-local-{self.port}@{socket.gethostname()}"
+        return self.worker_node_of("worker")
+
+    @property
+    def worker_names(self) -> list[str]:
+        """Child names of the workers: ``worker``, then ``worker-1``, ``worker-2``, ..."""
+        return ["worker", *(f"worker-{i}" for i in range(1, self.workers))]
+
+    def worker_node_of(self, name: str) -> str:
+        suffix = "" if name == "worker" else name.removeprefix("worker")
+        return f"gid-local-{self.port}{suffix}@{socket.gethostname()}"
 
     def start(self) -> "EmbeddedStack":
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +234,8 @@ class EmbeddedStack:
         self._start_api()
         self._ensure_token()
         if self.with_worker:
-            self.start_worker()
+            for name in self.worker_names:
+                self.start_worker(name)
         (self.data_dir / URL_FILE).write_text(self.url + "\n")
         return self
 
@@ -303,16 +316,16 @@ class EmbeddedStack:
         atomic_write_text(self.token_path, self.token + "\n", mode=0o600)
         self.token_created = True
 
-    def start_worker(self) -> Child:
-        """Start the worker (again); returns when it consumes the job queue."""
-        log_path = self.logs_dir / "worker.log"
+    def start_worker(self, name: str = "worker") -> Child:
+        """Start a worker (again); returns when it consumes the job queue."""
+        log_path = self.logs_dir / f"{name}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        cmd = [sys.executable, "-m", "gid", "worker", "--hostname", self.worker_node]
+        cmd = [sys.executable, "-m", "gid", "worker", "--hostname", self.worker_node_of(name)]
         # Warm shutdown first (stop taking jobs), then cold (SIGQUIT: terminate the running job,
         # which resumes from its checkpoint next time), then SIGKILL. If this process dies, the
         # worker is killed outright (Redis may be gone too, and a cold shutdown would wait for it);
         # its pool process and the training tree die with it.
-        child = self._spawn("worker", cmd, stop_signals=((signal.SIGTERM, 5.0), (signal.SIGQUIT, 10.0)),
+        child = self._spawn(name, cmd, stop_signals=((signal.SIGTERM, 5.0), (signal.SIGQUIT, 10.0)),
                             pdeathsig=signal.SIGKILL)
 
         def ready() -> bool:
@@ -325,9 +338,9 @@ class EmbeddedStack:
 
     # ------------------------------------------------------------------ stop
 
-    def stop_worker(self, *, kill: bool = False) -> None:
-        """Stop the worker; ``kill=True`` SIGKILLs it and everything it started (a crash)."""
-        child = self.children.pop("worker", None)
+    def stop_worker(self, name: str = "worker", *, kill: bool = False) -> None:
+        """Stop a worker; ``kill=True`` SIGKILLs it and everything it started (a crash)."""
+        child = self.children.pop(name, None)
         if child is None:
             return
         if kill:
@@ -337,7 +350,7 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         """Stop API, worker, Redis, in that order; safe to call twice."""
-        for name in ("api", "worker", "redis"):
+        for name in ("api", *self.worker_names, "redis"):
             child = self.children.pop(name, None)
             if child is not None:
                 child.stop()
@@ -357,7 +370,7 @@ class EmbeddedStack:
         the user). Raises ``StackError`` when a child died more than ``MAX_RESTARTS`` times within
         ``RESTART_WINDOW_SECONDS``: something is wrong that restarting does not fix."""
         done = []
-        for name in ("redis", "api", "worker"):  # Redis first: the others need it
+        for name in ("redis", "api", *self.worker_names):  # Redis first: the others need it
             child = self.children.get(name)
             if child is None or child.alive():
                 continue
@@ -382,10 +395,10 @@ class EmbeddedStack:
         elif name == "api":
             self._start_api()
         else:
-            self.requeue_dead_worker_jobs()
-            self.start_worker()
+            self.requeue_dead_worker_jobs(name)
+            self.start_worker(name)
 
-    def requeue_dead_worker_jobs(self) -> list[str]:
+    def requeue_dead_worker_jobs(self, name: str = "worker") -> list[str]:
         """Send the jobs our dead worker held back to the queue now, each with a new message."""
         from service import leases
         from service.core.db import make_engine, make_session_factory, session_scope
@@ -394,7 +407,7 @@ class EmbeddedStack:
         engine = make_engine(self.database_url)
         try:
             with session_scope(make_session_factory(engine)) as session:
-                job_ids = leases.requeue_jobs_of_worker(session, worker_prefix=f"{self.worker_node}:")
+                job_ids = leases.requeue_jobs_of_worker(session, worker_prefix=f"{self.worker_node_of(name)}:")
         finally:
             engine.dispose()
         for job_id in job_ids:  # a failed send is retried by the reaper's sweep

@@ -12,6 +12,7 @@ Layout::
       kind: "train" | "distill"
       student: ModelConfig          # the detector being trained
       teacher: ModelConfig | None   # distill only; must carry ``weights``
+      teacher_classes: TeacherClasses | None  # a teacher of other classes (gid_core.classmap)
       data: DataConfig              # COCO annotation files + image folders
       hyperparameters: Hyperparameters
         ... optimisation / schedule / checkpoint / eval settings ...
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, ValidationInfo, field_validator,
+    model_serializer, model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -207,11 +209,21 @@ class DataConfig(StrictModel):
     train_images: Path
     val_annotations: Path | None = None
     val_images: Path | None = None
+    # Distillation on unlabeled images (issue #12, gid_core.unlabeled): GISM needs no ground truth
+    unlabeled_images: Path | None = Field(
+        None, description="distill only: a folder of images without labels; their batches get the GID losses only",
+    )
+    unlabeled_annotations: Path | None = Field(
+        None, description="a COCO file listing the images of unlabeled_images (annotations and categories, if "
+        "any, are ignored); None: every image file in the folder",
+    )
 
     @model_validator(mode="after")
     def _val_pair(self) -> "DataConfig":
         if (self.val_annotations is None) != (self.val_images is None):
             raise ValueError("val_annotations and val_images must be given together")
+        if self.unlabeled_annotations is not None and self.unlabeled_images is None:
+            raise ValueError("unlabeled_annotations needs unlabeled_images (the folder its file_names are in)")
         return self
 
 
@@ -221,6 +233,13 @@ REFERENCE_MIN_SIZE = 800  # the input size GID's reference settings are given at
 class DistillConfig(StrictModel):
     """GID settings. Defaults are the authors' reference configuration (Dai et al., CVPR 2021)."""
 
+    # Peer methods for comparison (issue #12): same teacher, adapter, weights and normaliser rules
+    method: Literal["gid", "fitnet", "dense_response"] = Field(
+        "gid",
+        description="gid: the GI-selected feature, relation and response losses; fitnet: imitate the "
+        "teacher's whole FPN maps through the adapter (L2, weight_feature); dense_response: the response "
+        "loss on every dense prediction, no GI selection (weight_response_cls / _reg)",
+    )
     # GISM
     top_k: int = Field(10, ge=1, le=1000, description="general instances kept per image")
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
@@ -250,6 +269,27 @@ class DistillConfig(StrictModel):
     use_feature: bool = True
     use_relation: bool = True
     use_response: bool = True
+    normalize_losses: bool = Field(
+        True,
+        description="scale the feature loss to a 256-channel FPN and the response BCE to 80 classes "
+        "(gid_core.losses), so the paper's weights fit any FPN width and class count; false: raw sums",
+    )
+    # Faster R-CNN's second stage (gid_core.second_stage); ignored by one-stage detectors
+    second_stage: bool = Field(
+        True,
+        description="Faster R-CNN: GI boxes go through both box heads as shared proposals; their "
+        "class-wise discrepancy joins the GI score and a response loss distils class logits and box deltas",
+    )
+    second_stage_pool: int = Field(
+        2, ge=1, le=16,
+        description="GISM keeps pool * top_k RPN candidates per image; the box heads rescore them and "
+        "the top_k best become the general instances",
+    )
+    rcnn_temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="softmax temperature of the second-stage class loss"
+    )
+    weight_response_rcnn_cls: float = Field(1.0, ge=0.0)
+    weight_response_rcnn_reg: float = Field(1.0, ge=0.0)
 
     def gi_min_box_size(self, input_min_size: int) -> float:
         """``min_box_size``, or the reference's 10 px at 800 px scaled to the student's input."""
@@ -289,6 +329,11 @@ class Hyperparameters(StrictModel):
     checkpoint_period: Iterations = 500
     eval_period: Iterations | None = Field(None, description="evaluate every N iters (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, le=MAX_KEEP_CHECKPOINTS)
+    unlabeled_ratio: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="with unlabeled images: the fraction of steps that take an unlabeled batch (GID losses "
+        "only); the rest take labeled batches (GT + GID losses). Ignored without unlabeled images",
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
@@ -298,12 +343,31 @@ class Hyperparameters(StrictModel):
         return self
 
 
+class TeacherClasses(StrictModel):
+    """How a distillation teacher's classes meet the dataset's (``gid_core.classmap``): by name,
+    unless ``class_map`` says otherwise. The student always has the dataset's classes."""
+
+    categories: list[str] | None = Field(
+        None, max_length=10_000,
+        description="the teacher's category names in label order; None: those of a torchvision weights "
+        "name, or else the dataset's (then the teacher must have the dataset's classes, in its order)",
+    )
+    class_map: dict[str, str] | None = Field(
+        None, max_length=10_000, description="dataset class name -> teacher class name, where names differ"
+    )
+    allow_missing_classes: bool = Field(
+        False, description="a dataset class the teacher lacks is distilled by features and relations only "
+        "(else it is an error)",
+    )
+
+
 class JobConfig(StrictModel):
     """One training job, as the engine runs it."""
 
     kind: Literal["train", "distill"]
     student: ModelConfig
     teacher: ModelConfig | None = None
+    teacher_classes: TeacherClasses | None = None
     data: DataConfig
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     devices: int = Field(1, ge=1, le=64, description="DDP processes (GPUs on CUDA)")
@@ -311,9 +375,13 @@ class JobConfig(StrictModel):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobConfig":
         problems = teacher_problems(self.kind, self.student, self.teacher)
-        if self.teacher is not None:
+        if self.teacher_classes is not None and self.kind != "distill":
+            problems.append(Problem(("teacher_classes",), "only allowed when kind is 'distill'"))
+        if self.teacher is not None and not teacher_categories_known(self.teacher, self.teacher_classes):
+            # a teacher of unknown categories must have the student's; known ones match by name
             problems += class_problems(self.student.num_classes, teacher_classes=self.teacher.num_classes)
         problems += batch_split_problems(self.hyperparameters.batch_size, self.devices)
+        problems += unlabeled_problems(self.kind, self.data.unlabeled_images is not None)
         if problems:
             raise _validation_error(self, problems)
         return self
@@ -330,12 +398,41 @@ class SyntheticDatasetConfig(StrictModel):
     min_objects: int = Field(1, ge=0)
     max_objects: int = Field(10, ge=1)
     seed: Seed = 0
+    # Scene difficulty (issue #12: the demo's easier task). The defaults are the original scenes,
+    # and at their defaults these fields are left out of the dump (below), so a config that does
+    # not set them keeps its hash: the benchmark caches are keyed on it.
+    object_scale: tuple[float, float] | None = Field(
+        None, description="[min, max] of sqrt(box area) / image side for every object, drawn uniformly; "
+        "null: the three COCO size buckets (small, medium, large)",
+    )
+    clutter: bool = Field(True, description="1-4 unannotated distractor shapes per image")
+    photo_background: bool = Field(
+        True, description="muted crops of photographs behind the objects; false: a flat dark grey",
+    )
 
     @model_validator(mode="after")
     def _check_counts(self) -> "SyntheticDatasetConfig":
         if self.max_objects < self.min_objects:
             raise ValueError("max_objects must be >= min_objects")
         return self
+
+    @field_validator("object_scale")
+    @classmethod
+    def _check_object_scale(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.05 <= value[0] <= value[1] <= 0.9:
+            raise ValueError("must be [min, max] with 0.05 <= min <= max <= 0.9")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _drop_default_scene(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in _SCENE_FIELDS:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+
+
+_SCENE_FIELDS = ("object_scale", "clutter", "photo_background")
 
 
 class EvalConfig(StrictModel):
@@ -347,6 +444,12 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     devices: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
+    # A model of other classes (a torchvision COCO detector): its detections are relabelled to the
+    # dataset's classes by name, as a distillation matches a teacher's (gid_core.classmap).
+    model_classes: TeacherClasses | None = Field(
+        None, description="the model's categories and class_map, where they differ from the dataset's; "
+        "a torchvision weights name's categories are known without it",
+    )
 
 
 # --------------------------------------------------------------------------- cross-field rules
@@ -384,6 +487,13 @@ def teacher_problems(kind: str, student: ModelConfig, teacher: ModelConfig | Non
     if teacher.init_mode != "strict":
         problems.append(Problem(("teacher", "init_mode"), "a teacher loads all of its trained weights: use 'strict'"))
     return problems
+
+
+def teacher_categories_known(teacher: ModelConfig, classes: TeacherClasses | None) -> bool:
+    """The teacher's category names are known (given, or from its torchvision weights name), so its
+    classes are matched to the dataset's by name (``gid_core.classmap``) rather than by count."""
+    given = classes is not None and classes.categories is not None
+    return given or (teacher.weights or "").startswith("torchvision:")
 
 
 def dataset_class_problems(
@@ -439,6 +549,14 @@ def batch_split_problems(batch_size: int, devices: int) -> list[Problem]:
         return []
     message = f"batch_size ({batch_size}) must be divisible by devices ({devices})"
     return [Problem(("hyperparameters", "batch_size"), message)]
+
+
+def unlabeled_problems(kind: str, has_unlabeled: bool) -> list[Problem]:
+    """Unlabeled images feed the GID losses only: a training job has nothing to give them."""
+    if has_unlabeled and kind != "distill":
+        return [Problem(("data", "unlabeled_images"), "only allowed when kind is 'distill' (unlabeled images "
+                        "get the distillation losses only)")]
+    return []
 
 
 def _validation_error(model: BaseModel, problems: list[Problem]) -> ValidationError:

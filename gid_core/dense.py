@@ -21,7 +21,9 @@ Family choices:
   proposals that differ between the two networks). probs = sigmoid(objectness) (one
   class-agnostic "class"); boxes = decoded proposals; the response loss distils objectness and RPN
   deltas on anchors the RPN matcher assigns to a GI. The student's ROI heads still train on ground
-  truth, and the feature/relation losses on GI features shape its FPN, which the ROI heads read.
+  truth, and the feature/relation losses on GI features shape its FPN, which the ROI heads read;
+  with ``DistillConfig.second_stage`` the GI boxes also go through both box heads as shared
+  proposals (``gid_core.second_stage``).
 
 Class column 0 (background, unused by RetinaNet/FCOS since labels start at 1) is left out of
 ``probs`` so it never drives a GI score.
@@ -55,6 +57,7 @@ class DenseOutputs:
     logits: Tensor  # (N, R, L)
     reg: Tensor  # (N, R, 4)
     gt_losses: dict[str, Tensor] = field(default_factory=dict)
+    feature_names: list[str] = field(default_factory=list)  # Faster R-CNN: its box ROI pool picks maps by name
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -102,6 +105,9 @@ def iou_matcher_positive(
 class DenseView:
     """Runs one detector family's backbone + dense head without its post-processing."""
 
+    # probs/logits columns are the detector's classes (False: class-agnostic, as the RPN's objectness)
+    per_class = True
+
     def __call__(self, model: nn.Module, images: ImageList, anchors_fn: AnchorsFn, targets=None) -> DenseOutputs:
         """Backbone + dense head of ``model``; with targets, also its ground-truth losses.
 
@@ -114,6 +120,12 @@ class DenseView:
     ) -> Tensor:
         """(N, R) bool: predictions the student's own matcher assigns to a GI box."""
         raise NotImplementedError
+
+    def response_classes(self, model: nn.Module) -> int | None:
+        """The classes ``logits``' columns stand for (the response BCE is normalised by them); None
+        for a class-agnostic head. RetinaNet and FCOS: the foreground classes (column 0 is unused
+        background)."""
+        return model.head.classification_head.num_classes - 1 if self.per_class else None
 
     @staticmethod
     def anchor_generator(model: nn.Module):
@@ -194,6 +206,8 @@ class FCOSView(DenseView):
 class FasterRCNNView(DenseView):
     """GISM and the response loss on the RPN (see the module docstring)."""
 
+    per_class = False
+
     def __call__(self, model, images, anchors_fn, targets=None):
         feature_dict = model.backbone(images.tensors)
         features = list(feature_dict.values())
@@ -212,6 +226,7 @@ class FasterRCNNView(DenseView):
             boxes=clip_boxes_batched(proposals, images.image_sizes),
             logits=logits,
             reg=deltas.view(n, -1, 4),
+            feature_names=list(feature_dict),
         )
         if targets is not None:
             # The rest of RegionProposalNetwork.forward, then the ROI heads, as GeneralizedRCNN does.

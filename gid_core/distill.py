@@ -27,6 +27,11 @@ Choices where the paper is silent, each tested:
 * Pixel-sized settings given at the reference's 800-px input (GISM's minimum box side, ROIAlign's
   canonical scale) scale with the student's ``min_size`` unless set (``DistillConfig``).
 * Anchors, decoded boxes and GI selection are float32 under mixed precision (``gid_core.dense``).
+* Loss sums are scaled to the paper's 256-channel FPN and 80 classes (``gid_core.losses``), so its
+  loss weights carry over to other widths and class counts (``DistillConfig.normalize_losses``).
+* Faster R-CNN (``DistillConfig.second_stage``, on by default): GISM runs on the RPN, then the GI
+  candidates go through both box heads as shared proposals; their class-wise discrepancy joins the
+  GI score and ``loss_response_rcnn_cls`` / ``_reg`` distil the box head (``gid_core.second_stage``).
 """
 
 from __future__ import annotations
@@ -38,12 +43,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from .classmap import ClassMatch
 from .config import DistillConfig
-from .dense import DenseOutputs, dense_view_for
+from .dense import DenseOutputs, FasterRCNNView, dense_view_for
 from .gism import select_general_instances_batched
 from .launch import get_world_size
-from .losses import feature_loss, relation_loss_batched, response_loss
+from .losses import (
+    REFERENCE_CHANNELS, feature_loss, fitnet_loss, rcnn_response_loss, relation_loss_batched, response_loss,
+)
 from .roi import assign_levels, feature_levels, pool_instances
+from .second_stage import box_head_outputs, class_discrepancy, top_k_per_image
 
 
 def _global_count(count: Tensor) -> Tensor:
@@ -68,10 +77,16 @@ class GeneralInstances(NamedTuple):
 class GIDDistiller(nn.Module):
     """Wraps a frozen teacher and a trainable student; ``forward`` returns weighted losses."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None):
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None, *,
+        classes: ClassMatch | None = None,
+    ):
+        """``classes``: how the dataset's (student's) classes match a teacher with other classes
+        (``gid_core.classmap``); None when the teacher has the student's classes."""
         super().__init__()
         self.config = config or DistillConfig()
         self.view = dense_view_for(student)
+        self.classes = None if classes is None or classes.identity else classes
         if type(teacher) is not type(student):
             raise ValueError(
                 f"teacher ({type(teacher).__name__}) and student ({type(student).__name__}) must be "
@@ -85,6 +100,9 @@ class GIDDistiller(nn.Module):
         t_ch, s_ch = teacher.backbone.out_channels, student.backbone.out_channels
         self.adapter = nn.Conv2d(s_ch, t_ch, kernel_size=3, padding=1)
         self._check_compatible()
+        # Faster R-CNN's second stage (gid_core.second_stage): GISM keeps a larger pool for the box heads to rescore
+        self.use_second_stage = self.config.second_stage and isinstance(self.view, FasterRCNNView)
+        self.gism_top_k = self.config.top_k * (self.config.second_stage_pool if self.use_second_stage else 1)
         input_min_size = min(student.transform.min_size)
         self.gi_min_box_size = self.config.gi_min_box_size(input_min_size)
         self.roi_canonical_scale = self.config.roi_scale(input_min_size)
@@ -146,7 +164,9 @@ class GIDDistiller(nn.Module):
         return anchors
 
     # -- the step ------------------------------------------------------------------------------
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> dict[str, Tensor]:
+        """Weighted losses of one step. ``targets`` None: a batch of unlabeled images
+        (``gid_core.unlabeled``): the distillation losses only, no ground-truth loss is computed."""
         if not self.training:
             raise RuntimeError("GIDDistiller computes training losses; call .student for inference")
         cfg = self.config
@@ -155,7 +175,49 @@ class GIDDistiller(nn.Module):
             t_out = self.view(self.teacher, image_list, self._anchors)
         s_out = self.view(self.student, image_list, self._anchors, targets)
         losses = {name: cfg.weight_gt * value for name, value in s_out.gt_losses.items()}
-        losses.update(self._distill_losses(t_out, s_out, image_list))
+        if self.classes is not None and self.view.per_class:
+            # the one place a teacher with other classes meets GISM and the response loss: both
+            # read only the teacher's columns of the matched classes, beside the student's
+            t_out, s_out = self.classes.restrict(t_out, s_out)
+        if cfg.method == "gid":
+            distill = self._distill_losses(t_out, s_out, image_list)
+        else:
+            distill = self._peer_losses(t_out, s_out)
+        if targets is None:
+            # Every student parameter stays in the graph at weight 0 (folded into the first
+            # distillation loss), as on a labeled step: DDP expects each one's gradient, and SGD
+            # decays and carries momentum for all of them whether one process or several ran it.
+            first = next(iter(distill))
+            distill[first] = distill[first] + sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
+        losses.update(distill)
+        return losses
+
+    def _peer_losses(self, t_out: DenseOutputs, s_out: DenseOutputs) -> dict[str, Tensor]:
+        """The peer methods of ``DistillConfig.method``, without GI selection: ``fitnet`` imitates
+        the teacher's whole FPN maps through the adapter (``loss_fitnet``, weight_feature);
+        ``dense_response`` applies GID's response loss to every dense prediction
+        (``loss_dense_response_cls`` / ``_reg``), each divided by the number of positions, so the
+        GID weights keep their scale (``gid_core.losses``). Faster R-CNN: the RPN only."""
+        cfg, world = self.config, get_world_size()
+        losses: dict[str, Tensor] = {}
+        if cfg.method == "fitnet":
+            channels = REFERENCE_CHANNELS if cfg.normalize_losses else None
+            s_maps = [self.adapter(f) for f in s_out.features]
+            positions = s_maps[0].shape[0] * sum(f.shape[-2] * f.shape[-1] for f in s_maps)
+            norm = _global_count(torch.tensor(positions, device=s_maps[0].device))
+            loss = fitnet_loss(t_out.features, s_maps, normalizer=norm, reference_channels=channels)
+            losses["loss_fitnet"] = cfg.weight_feature * world * loss
+            return losses
+        classes = self.view.response_classes(self.student) if cfg.normalize_losses else None
+        mask = torch.ones(s_out.reg.shape[:2], dtype=torch.bool, device=s_out.reg.device)  # every prediction
+        norm = _global_count(torch.tensor(mask.numel(), device=mask.device))
+        cls, reg = response_loss(
+            t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm, num_classes=classes
+        )
+        losses["loss_dense_response_cls"] = cfg.weight_response_cls * world * cls
+        losses["loss_dense_response_reg"] = cfg.weight_response_reg * world * reg
+        # An unused adapter would leave DDP waiting for its gradient: keep it in the graph at 0.
+        losses["loss_feature"] = sum(p.sum() for p in self.adapter.parameters()) * 0.0
         return losses
 
     def _distill_losses(self, t_out: DenseOutputs, s_out: DenseOutputs, image_list: ImageList) -> dict[str, Tensor]:
@@ -163,15 +225,21 @@ class GIDDistiller(nn.Module):
         use_feature = cfg.use_feature and cfg.weight_feature > 0
         use_relation = cfg.use_relation and cfg.weight_relation > 0
         use_response = cfg.use_response and (cfg.weight_response_cls > 0 or cfg.weight_response_reg > 0)
+        use_rcnn = cfg.use_response and (cfg.weight_response_rcnn_cls > 0 or cfg.weight_response_rcnn_reg > 0)
         gi = self.select_instances(t_out, s_out)
+        if self.use_second_stage:
+            gi, rcnn = self.second_stage(gi, t_out, s_out, image_list, grad=use_rcnn)
         n, world = len(gi.counts), get_world_size()
         losses: dict[str, Tensor] = {}
+        # the paper's weights fit a 256-channel FPN and 80 classes: scale the sums to them (gid_core.losses)
+        channels = REFERENCE_CHANNELS if cfg.normalize_losses else None
+        classes = self.view.response_classes(self.student) if cfg.normalize_losses else None
 
         if use_feature or use_relation:
             t_inst, s_inst = self._instance_features(t_out, s_out, gi.boxes, gi.image_index, image_list)
             if use_feature:
                 norm = _global_count(gi.counts.sum())
-                loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm)
+                loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm, reference_channels=channels)
                 losses["loss_feature"] = cfg.weight_feature * world * loss
             if use_relation:
                 norm = _global_count((gi.counts >= 2).sum())
@@ -180,10 +248,17 @@ class GIDDistiller(nn.Module):
         if use_response:
             mask = self.response_mask(gi, s_out, image_list)
             norm = _global_count(mask.sum())
-            cls, reg = response_loss(t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm)
+            cls, reg = response_loss(
+                t_out.logits, s_out.logits, t_out.reg, s_out.reg, mask, normalizer=norm, num_classes=classes
+            )
             losses["loss_response_cls"] = cfg.weight_response_cls * world * cls
             losses["loss_response_reg"] = cfg.weight_response_reg * world * reg
             self.last_stats["response_positives_per_image"] = mask.sum().detach().float() / max(n, 1)
+        if self.use_second_stage and use_rcnn:
+            norm = _global_count(gi.counts.sum())
+            cls, reg = rcnn_response_loss(*rcnn, temperature=cfg.rcnn_temperature, normalizer=norm)
+            losses["loss_response_rcnn_cls"] = cfg.weight_response_rcnn_cls * world * cls
+            losses["loss_response_rcnn_reg"] = cfg.weight_response_rcnn_reg * world * reg
 
         if not use_feature:
             # An unused adapter would leave DDP waiting for its gradient: keep it in the graph at 0.
@@ -199,12 +274,36 @@ class GIDDistiller(nn.Module):
         cfg = self.config
         per_image = select_general_instances_batched(
             t_out.probs, t_out.boxes, s_out.probs.detach(), s_out.boxes,
-            top_k=cfg.top_k, nms_iou=cfg.nms_iou, pre_nms_top_n=cfg.pre_nms_top_n, min_size=self.gi_min_box_size,
+            top_k=self.gism_top_k, nms_iou=cfg.nms_iou, pre_nms_top_n=cfg.pre_nms_top_n, min_size=self.gi_min_box_size,
         )
         boxes = torch.cat([b for b, _ in per_image])
         counts = torch.tensor([b.shape[0] for b, _ in per_image], device=boxes.device)
         image_index = torch.repeat_interleave(torch.arange(len(per_image), device=boxes.device), counts)
         return GeneralInstances(boxes, torch.cat([s for _, s in per_image]), counts, image_index)
+
+    def second_stage(
+        self, gi: GeneralInstances, t_out: DenseOutputs, s_out: DenseOutputs, image_list: ImageList, *, grad: bool
+    ) -> tuple[GeneralInstances, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Faster R-CNN: the GI candidates through both box heads as shared proposals; the class-wise
+        discrepancy joins their GI score and the ``top_k`` best per image stay (``gid_core.second_stage``).
+
+        Returns those GIs and the box heads' outputs on them, row for row: (t_logits, s_logits,
+        t_deltas, s_deltas), (K, C+1) and (K, C+1, 4); the student's carry gradient if ``grad``."""
+        proposals = (gi.boxes, gi.counts.tolist(), image_list.image_sizes)
+        with torch.no_grad():
+            t_logits, t_deltas = box_head_outputs(self.teacher, t_out.features, t_out.feature_names, *proposals)
+        with torch.set_grad_enabled(grad):
+            s_logits, s_deltas = box_head_outputs(self.student, s_out.features, s_out.feature_names, *proposals)
+        if self.classes is not None:  # a teacher with other classes: its columns of the matched ones
+            t_logits, s_logits = self.classes.restrict_softmax(t_logits, s_logits)
+            t_deltas = t_deltas[:, [0, *self.classes.teacher_labels]]
+            s_deltas = s_deltas[:, [0, *self.classes.student_labels]]
+        scores = torch.maximum(gi.scores, class_discrepancy(t_logits, s_logits))
+        keep = top_k_per_image(scores, gi.image_index, self.config.top_k)
+        image_index = gi.image_index[keep]
+        counts = torch.bincount(image_index, minlength=len(gi.counts))
+        kept = GeneralInstances(gi.boxes[keep], scores[keep], counts, image_index)
+        return kept, (t_logits[keep], s_logits[keep], t_deltas[keep], s_deltas[keep])
 
     def response_mask(self, gi: GeneralInstances, s_out: DenseOutputs, image_list: ImageList) -> Tensor:
         """(N, R) bool: the student's dense predictions its own matcher assigns to a GI box."""

@@ -9,6 +9,7 @@ checkpoints, ``train_log.jsonl`` (rank 0), and for completed runs ``export/`` an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -40,16 +41,20 @@ from .data import (
     label_order,
     validate_coco_dataset,
 )
+from .classmap import ClassMatch, RelabeledDetector, class_match_for, class_match_problems, teacher_categories
 from .errors import Loc, Problem, ProblemsError
 from .export import export_student
 from .fileio import atomic_write, write_json_atomic
 from .hooks import CancelHook, CheckpointHook, EvalHook, LRSchedulerHook, MetricsHook, log_metrics
 from .jobdir import JobDir
 from .launch import barrier, default_device, get_rank, get_world_size, launch
-from .sampler import ResumableLoader, ResumableSampler
+from .sampler import ResumableLoader, ResumableSampler, augmentation_seed
+from .unlabeled import MixedLoader, UnlabeledImageDataset, validate_unlabeled_images
 from .trainer import HookBase, Trainer, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
+
+UNLABELED_STREAM = 2**40  # mixed into the job's seed for the unlabeled images' order and flips
 
 HookFactory = Callable[[int], Iterable[HookBase]]
 
@@ -88,15 +93,31 @@ def check_job_inputs(job: JobConfig) -> None:
     val = None
     if job.data.val_annotations is not None:
         val = _validated_categories(job.data.val_annotations, job.data.val_images)
-    _raise_setup_problems(class_problems(job.student.num_classes, train_categories=train, val_categories=val))
+    _raise_setup_problems(class_problems(job.student.num_classes, train_categories=train, val_categories=val)
+                          + teacher_class_problems(job, [c["name"] for c in train]))
+    if job.data.unlabeled_images is not None:
+        _, problems = validate_unlabeled_images(job.data.unlabeled_images, job.data.unlabeled_annotations)
+        if problems:
+            raise DatasetValidationError(problems, job.data.unlabeled_annotations or job.data.unlabeled_images)
+
+
+def teacher_class_problems(job: JobConfig, dataset: list[str]) -> list[Problem]:
+    """A teacher of known categories has each of the dataset's classes (by name or ``class_map``)."""
+    if job.teacher is None:
+        return []
+    names = teacher_categories(job.teacher, job.teacher_classes)
+    return class_match_problems(dataset, names, job.teacher_classes, teacher_num_classes=job.teacher.num_classes)
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_training_model(job: JobConfig, device: torch.device, world_size: int) -> tuple[nn.Module, nn.Module]:
+def build_training_model(
+    job: JobConfig, device: torch.device, world_size: int, dataset: list[str] | None = None
+) -> tuple[nn.Module, nn.Module]:
     """``(model the trainer steps, student)``: the student itself, or a ``GIDDistiller`` around a
-    frozen, trained teacher and the student."""
+    frozen, trained teacher and the student; ``dataset`` (category names) matches a teacher of
+    other classes to the student's."""
     from .models import build_detector
 
     student = build_detector(job.student)
@@ -111,7 +132,8 @@ def build_training_model(job: JobConfig, device: torch.device, world_size: int) 
     teacher = build_detector(job.teacher).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return GIDDistiller(teacher, student, job.hyperparameters.distill), student
+    classes = class_match_for(job.teacher, job.teacher_classes, dataset) if dataset is not None else None
+    return GIDDistiller(teacher, student, job.hyperparameters.distill, classes=classes), student
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -130,10 +152,12 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def build_train_loader(
-    dataset: CocoDetectionDataset, hp: Hyperparameters, *, rank: int, world_size: int, device: torch.device
+    dataset: torch.utils.data.Dataset, hp: Hyperparameters, *, rank: int, world_size: int, device: torch.device,
+    seed: int | None = None,
 ) -> ResumableLoader:
+    seed = hp.seed if seed is None else seed
     sampler = ResumableSampler(
-        len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, batch_size=hp.batch_size
+        len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, batch_size=hp.batch_size
     )
     loader = DataLoader(
         dataset,
@@ -144,9 +168,22 @@ def build_train_loader(
         persistent_workers=False,
         # Its own generator: creating an epoch's iterator must not draw from the global RNG,
         # or a resumed run's random stream would differ from an uninterrupted one.
-        generator=torch.Generator().manual_seed(hp.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
     return ResumableLoader(loader, sampler)
+
+
+def build_mixed_loader(
+    job: JobConfig, labeled: ResumableLoader, *, rank: int, world_size: int, device: torch.device
+) -> MixedLoader:
+    """The labeled stream interleaved with the unlabeled images at ``unlabeled_ratio``
+    (``gid_core.unlabeled``); the unlabeled stream shuffles with a seed of its own."""
+    s, hp = job.student, job.hyperparameters
+    dataset = UnlabeledImageDataset(job.data.unlabeled_images, job.data.unlabeled_annotations, train=True,
+                                    flip_prob=hp.flip_prob, min_size=s.min_size, max_size=s.max_size)
+    seed = augmentation_seed(hp.seed, 0, UNLABELED_STREAM)
+    unlabeled = build_train_loader(dataset, hp, rank=rank, world_size=world_size, device=device, seed=seed)
+    return MixedLoader(labeled, unlabeled, hp.unlabeled_ratio)
 
 
 def build_eval_loader(
@@ -204,6 +241,26 @@ class JobInfoHook(HookBase):
                 )])
 
 
+def resume_data_problems(job: JobConfig, state: Mapping[str, Any]) -> list[Problem]:
+    """A checkpoint's data position fits the job's stream: a labeled-only position cannot resume
+    the labeled + unlabeled mix (``gid_core.unlabeled.MixedLoader``), nor the reverse."""
+    saved = state.get("data")
+    if not isinstance(saved, Mapping):
+        return []
+    had, has = "unlabeled" in saved, job.data.unlabeled_images is not None
+    if had == has:
+        return []
+    now = (f"the job now has data.unlabeled_images ({job.data.unlabeled_images})" if has
+           else "the job now has no data.unlabeled_images")
+    return [Problem(
+        ("data", "unlabeled_images"),
+        f"cannot resume: the checkpoint at iteration {state.get('iteration')} was written "
+        f"{'with' if had else 'without'} unlabeled images, but {now}; resume with the same data, "
+        "or use another output directory or resume=False",
+        "resume_mismatch",
+    )]
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -218,7 +275,8 @@ def load_job_datasets(job: JobConfig) -> tuple[CocoDetectionDataset, CocoDetecti
                                       min_size=s.min_size, max_size=s.max_size)
     val_categories = val_ds.categories if val_ds is not None else None
     _raise_setup_problems(class_problems(s.num_classes, train_categories=train_ds.categories,
-                                         val_categories=val_categories))
+                                         val_categories=val_categories)
+                          + teacher_class_problems(job, [c["name"] for c in train_ds.categories]))
     return train_ds, val_ds
 
 
@@ -262,7 +320,7 @@ def run_job(
     train_ds, val_ds = load_job_datasets(job)
 
     seed_everything(hp.seed)  # identical initial weights on every rank (DDP broadcasts anyway)
-    model, student = build_training_model(job, device, world_size)
+    model, student = build_training_model(job, device, world_size, [c["name"] for c in train_ds.categories])
     seed_everything(hp.seed + rank)  # per-rank stream for training-time randomness
     optimizer = build_optimizer(model, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     scheduler = build_lr_scheduler(
@@ -270,6 +328,8 @@ def run_job(
         warmup_factor=hp.warmup_factor, steps=hp.steps, gamma=hp.gamma,
     )
     data = build_train_loader(train_ds, hp, rank=rank, world_size=world_size, device=device)
+    if job.data.unlabeled_images is not None:
+        data = build_mixed_loader(job, data, rank=rank, world_size=world_size, device=device)
     evaluate = None
     if val_ds is not None:
         val_loader = build_eval_loader(val_ds, batch_size=max(1, hp.batch_size // world_size),
@@ -284,6 +344,7 @@ def run_job(
     )
     state = checkpointer.load_latest() if resume else None
     if state is not None:
+        _raise_setup_problems(resume_data_problems(job, state))
         trainer.load_state_dict(state)
         logger.info("resumed from checkpoint at iteration %d", trainer.iter)
         if rank == 0:
@@ -403,6 +464,22 @@ def load_model_for_eval(cfg: ModelConfig) -> nn.Module:
     return build_detector(cfg)
 
 
+def eval_class_match(cfg: EvalConfig, categories: list[dict[str, Any]]) -> ClassMatch | None:
+    """How the model's classes meet the dataset's: by name when the model's categories are known
+    (``model_classes``, or a torchvision weights name's); else it must have the dataset's classes.
+    Raises ``JobSetupError`` (locs under ``model_classes``) when they do not fit."""
+    names = [c["name"] for c in categories]
+    known = teacher_categories(cfg.model, cfg.model_classes)
+    if known is None:
+        _raise_setup_problems(dataset_class_problems(
+            cfg.model.num_classes, categories, loc=("model", "num_classes"), dataset=str(cfg.annotations)
+        ))
+        return None
+    problems = class_match_problems(names, known, cfg.model_classes, teacher_num_classes=cfg.model.num_classes)
+    _raise_setup_problems([dataclasses.replace(p, loc=("model_classes", *p.loc[1:])) for p in problems])
+    return class_match_for(cfg.model, cfg.model_classes, names)
+
+
 def run_evaluation(cfg: EvalConfig, *, rank: int | None = None, world_size: int | None = None) -> dict[str, Any]:
     """COCO metrics of ``cfg.model`` on ``cfg.annotations``; every rank calls it, rank 0 gets them."""
     from .evaluation import evaluate_coco
@@ -413,10 +490,10 @@ def run_evaluation(cfg: EvalConfig, *, rank: int | None = None, world_size: int 
     dataset = CocoDetectionDataset(
         cfg.annotations, cfg.images, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size
     )
-    _raise_setup_problems(dataset_class_problems(
-        cfg.model.num_classes, dataset.categories, loc=("model", "num_classes"), dataset=str(cfg.annotations)
-    ))
+    match = eval_class_match(cfg, dataset.categories)
     model = load_model_for_eval(cfg.model).to(device).eval()
+    if match is not None and not match.identity:
+        model = RelabeledDetector(model, match)
     loader = build_eval_loader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank,
         world_size=world_size, device=device,

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,23 @@ def tail_lines(path: str | os.PathLike[str], n: int = 30, max_bytes: int = 256 *
     if start > 0 and lines:
         lines = lines[1:]  # began mid-line
     return "\n".join(deque(lines, maxlen=n))
+
+
+def flatten_metrics(results: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """``{"AP": 1.0, "per_category": {"cat": 2.0}}`` -> ``{"eval/AP": 1.0, "eval/per_category/cat": 2.0}``;
+    lists of ``{"name": ..., <metric>: ...}`` rows are keyed by name; non-numbers are dropped."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            flat[name] = float(value)
+        elif isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, list):
+            for row in value:
+                if isinstance(row, Mapping) and "name" in row:
+                    rest = {k: v for k, v in row.items() if k not in ("name", "id")}
+                    flat.update(flatten_metrics(rest, f"{name}/{row['name']}"))
+    return flat

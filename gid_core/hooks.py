@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer
+from .fileio import flatten_metrics  # noqa: F401  (torch-free home; re-exported)
 from .jobdir import checkpoint_filename
 from .launch import barrier, comm_device, get_world_size, is_main_process
 from .trainer import HookBase, Trainer
@@ -158,26 +159,6 @@ class CheckpointHook(HookBase):
     def after_train(self) -> None:
         if self._last_saved != self.trainer.iter:
             self.save()
-
-
-def flatten_metrics(results: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """``{"AP": 1.0, "per_category": {"cat": 2.0}}`` -> ``{"eval/AP": 1.0, "eval/per_category/cat": 2.0}``;
-    lists of ``{"name": ..., <metric>: ...}`` rows are keyed by name; non-numbers are dropped."""
-    flat: dict[str, float] = {}
-    for key, value in results.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            flat[name] = float(value)
-        elif isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, name))
-        elif isinstance(value, list):
-            for row in value:
-                if isinstance(row, Mapping) and "name" in row:
-                    rest = {k: v for k, v in row.items() if k not in ("name", "id")}
-                    flat.update(flatten_metrics(rest, f"{name}/{row['name']}"))
-    return flat
 
 
 class EvalHook(HookBase):

@@ -88,7 +88,10 @@ def _cpu_count() -> int:
 # --------------------------------------------------------------------------- process setup
 
 
-def _init_process(rank: int, world_size: int, backend: str, init_method: str, local_rank: int) -> None:
+def _init_process(
+    rank: int, world_size: int, backend: str, init_method: str, local_rank: int,
+    timeout: datetime.timedelta = _TIMEOUT,
+) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -96,7 +99,7 @@ def _init_process(rank: int, world_size: int, backend: str, init_method: str, lo
         # Processes share the machine's cores; oversubscription makes every rank slower.
         torch.set_num_threads(max(1, _cpu_count() // world_size))
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=_TIMEOUT
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
     )
 
 
@@ -202,15 +205,18 @@ def launch(
             return pickle.load(f)
 
 
-def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
+def init_from_env(
+    backend: str | None = None, timeout: datetime.timedelta | None = None
+) -> tuple[int, int, int]:
     """Joins the process group described by ``torchrun``'s environment; returns
-    ``(rank, world_size, local_rank)``. Without ``WORLD_SIZE`` (or with 1) no group is made."""
+    ``(rank, world_size, local_rank)``. Without ``WORLD_SIZE`` (or with 1) no group is made.
+    ``timeout`` bounds every collective (a lost peer ends the run instead of hanging it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not is_distributed():
         backend = backend or default_backend(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        _init_process(rank, world_size, backend, "env://", local_rank)
+        _init_process(rank, world_size, backend, "env://", local_rank, timeout or _TIMEOUT)
     return rank, world_size, local_rank
 
 

@@ -7,10 +7,14 @@
   one image, each matrix divided by its mean off-diagonal distance (so only the *shape* of the
   instance relations is matched, not their scale), compared with smooth-L1 over all K(K-1) ordered
   pairs i != j and averaged over them. ``relation_loss_batched`` averages it over the images of a
-  batch that have at least two GIs.
+  batch that have at least two GIs (one batched (N, K_max, K_max) computation).
+* Peer method FitNet (``fitnet_loss``, ``DistillConfig.method = "fitnet"``): the feature loss on
+  whole FPN maps instead of GI patches, averaged over every map position the same way.
 * Response-based (``response_loss``): on the dense predictions a GI mask selects, binary cross
   entropy of the student's class logits against the teacher's sigmoid probabilities, and L1 between
   the regression outputs, each summed and divided by the number of selected predictions.
+  ``rcnn_response_loss`` is its Faster R-CNN second-stage counterpart on the box head's outputs for
+  the GI boxes (softmax KL on class logits, smooth L1 on the teacher's class's box deltas).
 
 Teacher tensors are targets: no gradient ever reaches them. Every loss is a 0-dim tensor that is
 still connected to the student's graph when there is nothing to distil (an exact 0), so DDP sees
@@ -21,6 +25,16 @@ the global count over all ranks divided by the world size (DDP averages gradient
 fractional. ``feature_loss`` and ``relation_loss_batched`` use it as given when positive and divide
 by 1 when it is <= 0 (nothing to distil anywhere: the loss is an exact 0, never NaN);
 ``response_loss`` divides by max(1, normalizer), like its default max(1, mask.sum()).
+
+Scale normalisation (``reference_channels``, ``num_classes``): the feature loss sums over the
+teacher's FPN channels and the response BCE over classes, so their size grows with the FPN width
+and the class count, and the paper's loss weights only fit its 256-channel FPN on 80-class COCO.
+With ``reference_channels=R`` the channel sum becomes R times the channel mean (``sum * R / C``);
+with ``num_classes=C`` the class sum becomes 80 times the class mean (``sum * 80 / C``). At 256
+channels / 80 classes both factors are exactly 1 (the paper's losses, unchanged); a model with its
+channels or classes duplicated gets the same loss. ``GIDDistiller`` passes ``REFERENCE_CHANNELS``
+and the student's foreground class count (``DistillConfig.normalize_losses``). The relation loss
+is already free of both (distances divided by their mean).
 """
 
 from __future__ import annotations
@@ -29,9 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .roi import slot_within_image
+
 # Distances are sqrt(max(d^2, _EPS^2)): finite gradients at zero distance, and no 0/0 when all
 # embeddings of an image coincide (every distance is then _EPS, the mean _EPS, the ratio 1).
 _EPS = 1e-6
+
+# The paper's setting, which its loss weights were tuned on: a 256-channel FPN and COCO's 80 classes.
+REFERENCE_CHANNELS = 256
+REFERENCE_CLASSES = 80
 
 Normalizer = float | int | Tensor | None
 
@@ -55,26 +75,64 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def feature_loss(t: Tensor, s: Tensor, *, normalizer: Normalizer = None) -> Tensor:
-    """Feature distillation loss: sum (t - s)^2 / (K * h * w).
+def feature_loss(
+    t: Tensor, s: Tensor, *, normalizer: Normalizer = None, reference_channels: int | None = None
+) -> Tensor:
+    """Feature distillation loss: sum (t - s)^2 / (K * h * w), times ``reference_channels / C`` if given.
 
     Args:
         t: (K, C, h, w) teacher GI features (target).
         s: (K, C, h, w) student GI features, already through the adapter.
         normalizer: replaces K (e.g. the global GI count under DDP).
+        reference_channels: R: the channel sum is read as R channels' worth (R times the mean over
+            the C channels), so the loss weight does not depend on the FPN width.
     """
     if t.dim() != 4 or t.shape != s.shape:
         raise ValueError(
             f"feature_loss: t and s must both be (K, C, h, w) with equal shapes, "
             f"got {tuple(t.shape)} and {tuple(s.shape)}"
         )
-    num, _, h, w = s.shape
+    num, channels, h, w = s.shape
     if num == 0:
         return s.sum() * 0.0
     dtype = _compute_dtype(s)
-    squared = (s.to(dtype) - t.detach().to(dtype)).pow(2).sum()
+    # one fused kernel forward and backward (sub, square and sum were three passes each way)
+    squared = F.mse_loss(s.to(dtype), t.detach().to(dtype), reduction="sum")
+    if reference_channels is not None:
+        squared = squared * (reference_channels / channels)
     count = torch.tensor(float(num), dtype=dtype, device=s.device)
     return squared / (_divisor(count, normalizer, at_least_one=False) * (h * w))
+
+
+def fitnet_loss(
+    t_maps: list[Tensor], s_maps: list[Tensor], *, normalizer: Normalizer = None, reference_channels: int | None = None
+) -> Tensor:
+    """FitNet-style imitation (Romero et al., 2015) of whole FPN maps, the peer of ``feature_loss``.
+
+    sum over levels, images, positions and channels of (t - s)^2, divided by the number of map
+    positions (images x sum of H_l * W_l), times ``reference_channels / C`` if given: the mean over
+    every position of the channel sum, as ``feature_loss`` is the mean over GI cells, so the same
+    weight fits both.
+
+    Args:
+        t_maps: per level (N, C, H_l, W_l) teacher maps (targets).
+        s_maps: the student's maps of the same shapes, already through the adapter.
+        normalizer: replaces the number of positions (e.g. the global count under DDP).
+    """
+    if len(t_maps) != len(s_maps) or not s_maps:
+        raise ValueError(f"fitnet_loss: need the same non-zero number of levels, got {len(t_maps)} and {len(s_maps)}")
+    for t, s in zip(t_maps, s_maps):
+        if t.dim() != 4 or t.shape != s.shape or t.shape[:2] != t_maps[0].shape[:2]:
+            raise ValueError(
+                f"fitnet_loss: each level must be (N, C, H, W) with equal shapes, got {tuple(t.shape)} and {tuple(s.shape)}"
+            )
+    dtype = _compute_dtype(s_maps[0])
+    squared = sum((s.to(dtype) - t.detach().to(dtype)).pow(2).sum() for t, s in zip(t_maps, s_maps))
+    num, channels = s_maps[0].shape[:2]
+    if reference_channels is not None:
+        squared = squared * (reference_channels / channels)
+    count = torch.tensor(float(num * sum(s.shape[-2] * s.shape[-1] for s in s_maps)), dtype=dtype, device=squared.device)
+    return squared / _divisor(count, normalizer, at_least_one=False)
 
 
 def _check_relation_inputs(t: Tensor, s: Tensor) -> None:
@@ -114,32 +172,53 @@ def relation_loss(t: Tensor, s: Tensor) -> Tensor:
     return F.smooth_l1_loss(pred, target.to(pred.dtype), beta=1.0, reduction="mean")
 
 
-def _block_distances(x: Tensor, image_index: Tensor, num_images: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalised distance matrix of all instances of a batch, comparing only within an image.
+def _padded_distances(padded: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised distance matrices of the instances of each image, batched over the images.
 
     Args:
-        x: (K, D) embeddings; image_index: (K,) image of each row.
+        padded: (N, K_max, D) embeddings, image n's in rows [0, counts[n]) and zeros after them;
+            any float dtype (the distances are computed in float64).
+        counts: (N,) int64 instances per image.
 
     Returns:
-        phi (K, K) (meaningful only where ``pairs``), pairs (K, K) bool (same image, i != j),
-        counts (num_images,) instances per image.
+        phi (N, K_max, K_max) float64 (meaningful only where ``pairs``), pairs (N, K_max, K_max)
+        bool (both real instances, i != j).
     """
-    num, dim = x.shape
-    ones = torch.ones(num, dtype=x.dtype, device=x.device)
-    counts = x.new_zeros(num_images).index_add_(0, image_index, ones)  # (N,)
+    kmax = padded.shape[1]
+    real = torch.arange(kmax, device=padded.device)[None, :] < counts[:, None]  # (N, K_max)
+    counts = counts.to(torch.float64)
     # Centre each image's embeddings on their mean: distances are unchanged, and the Gram-matrix
-    # form |a|^2 + |b|^2 - 2ab loses far less precision to cancellation.
-    means = x.new_zeros(num_images, dim).index_add_(0, image_index, x) / counts.clamp(min=1)[:, None]
-    x = x - means[image_index]
-    gram = x @ x.T  # (K, K)
-    sq = gram.diagonal()
-    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp(min=_EPS**2).sqrt()  # (K, K)
-    pairs = image_index[:, None] == image_index[None, :]
-    pairs.fill_diagonal_(False)
-    row_sums = (dist * pairs).sum(dim=1)  # (K,)
-    image_sums = x.new_zeros(num_images).index_add_(0, image_index, row_sums)  # (N,)
-    mean_dist = (image_sums / (counts * (counts - 1)).clamp(min=1)).clamp(min=_EPS)  # (N,)
-    return dist / mean_dist[image_index][:, None], pairs, counts
+    # form |a|^2 + |b|^2 - 2ab loses far less precision to cancellation. One float64 copy, then
+    # one pass each for the means and the centring (at K = 40 these are the step's biggest tensors:
+    # no zero-fill, scatter or mask passes). Padded rows become -mean: their distances are finite
+    # and masked out by ``pairs`` (value and gradient).
+    padded = padded.to(torch.float64)
+    centred = padded - padded.sum(dim=1, keepdim=True) / counts.clamp(min=1)[:, None, None]
+    gram = torch.bmm(centred, centred.transpose(1, 2))  # (N, K_max, K_max)
+    sq = gram.diagonal(dim1=1, dim2=2)
+    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp(min=_EPS**2).sqrt()
+    pairs = real[:, :, None] & real[:, None, :]
+    pairs &= ~torch.eye(kmax, dtype=torch.bool, device=padded.device)
+    mean_dist = ((dist * pairs).sum(dim=(1, 2)) / (counts * (counts - 1)).clamp(min=1)).clamp(min=_EPS)  # (N,)
+    return dist / mean_dist[:, None, None], pairs
+
+
+def _image_layout(image_index: Tensor, counts: Tensor) -> tuple[int, bool]:
+    """(K_max, grouped): the one host sync of the relation loss. ``grouped``: the rows come image
+    by image and every image has K_max of them (the distiller's usual batch: GISM's top-K per
+    image, in image order), so padding them per image is a view."""
+    grouped = (image_index[1:] >= image_index[:-1]).all() & (counts == counts.max()).all()
+    kmax, grouped = torch.stack([counts.max(), grouped.long()]).tolist()
+    return kmax, bool(grouped)
+
+
+def _pad_by_image(x: Tensor, image_index: Tensor, counts: Tensor, kmax: int, grouped: bool) -> Tensor:
+    """(K, D) rows -> (N, K_max, D), image n's rows first in their order, zeros after them."""
+    num_images = counts.shape[0]
+    if grouped:
+        return x.reshape(num_images, kmax, x.shape[1])
+    slot = slot_within_image(image_index, counts)
+    return x.new_zeros((num_images, kmax, x.shape[1])).index_put((image_index, slot), x)
 
 
 def relation_loss_batched(
@@ -147,9 +226,9 @@ def relation_loss_batched(
 ) -> Tensor:
     """``relation_loss`` of every image of a batch, averaged over the images with >= 2 GIs.
 
-    Instances of different images are never compared. Vectorised with one block-masked
-    (K_total, K_total) distance matrix computed in float64 (Gram form, embeddings centred per
-    image); no host-device synchronisation. Returns the student's dtype (>= float32).
+    Instances of different images are never compared. Vectorised as one batched (N, K_max, K_max)
+    distance computation (``bmm`` on the embeddings padded per image, Gram form, centred per
+    image) in float64; one host sync (K_max). Returns the student's dtype (>= float32).
 
     Args:
         t: (K_total, D_t...) teacher GI embeddings (target); s: (K_total, D_s...) student ones.
@@ -167,16 +246,17 @@ def relation_loss_batched(
         raise ValueError(f"relation_loss_batched: num_images must be >= 1, got {num_images}")
     if s.shape[0] == 0:
         return s.sum() * 0.0
-    # float64 throughout: the Gram form of distances cancels badly for near-duplicate instances in
-    # float32 (and overflows float16 under AMP); the matrices are only (K_total, K_total), so the
-    # cost is negligible next to the detector.
+    counts = torch.bincount(image_index, minlength=num_images)
+    layout = _image_layout(image_index, counts)
+    # float64 distances: the Gram form cancels badly for near-duplicate instances in float32 (and
+    # overflows float16 under AMP).
     with torch.autocast(device_type=s.device.type, enabled=False):
         with torch.no_grad():
-            target, _, _ = _block_distances(t.flatten(1).double(), image_index, num_images)
-        pred, pairs, counts = _block_distances(s.flatten(1).double(), image_index, num_images)
+            target, _ = _padded_distances(_pad_by_image(t.flatten(1), image_index, counts, *layout), counts)
+        pred, pairs = _padded_distances(_pad_by_image(s.flatten(1), image_index, counts, *layout), counts)
         pair_loss = F.smooth_l1_loss(pred, target, beta=1.0, reduction="none") * pairs
-        image_loss = pred.new_zeros(num_images).index_add_(0, image_index, pair_loss.sum(dim=1))
-        image_loss = image_loss / (counts * (counts - 1)).clamp(min=1)  # 0 for images with < 2 GIs
+        counts = counts.to(pred.dtype)
+        image_loss = pair_loss.sum(dim=(1, 2)) / (counts * (counts - 1)).clamp(min=1)  # 0 for images with < 2 GIs
         num_valid = (counts >= 2).sum().to(pred.dtype)
         loss = image_loss.sum() / _divisor(num_valid, normalizer, at_least_one=False)
     return loss.to(_compute_dtype(s))
@@ -190,6 +270,7 @@ def response_loss(
     mask: Tensor,
     *,
     normalizer: Normalizer = None,
+    num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Response distillation losses on the dense predictions selected by ``mask``.
 
@@ -198,9 +279,13 @@ def response_loss(
         t_reg, s_reg: (..., 4) box regression outputs (teacher: target).
         mask: (...) bool, the predictions to distil (e.g. (N, R)).
         normalizer: replaces mask.sum() (e.g. the global count under DDP).
+        num_classes: the C classes the logit columns stand for (not always their number: a
+            background or centerness column may come along); the class sum is then scaled by
+            ``REFERENCE_CLASSES / C``. None: unscaled (a class-agnostic head, e.g. RPN objectness).
 
     Returns:
-        cls: sum over selected rows and classes of BCE(s_logits, sigmoid(t_logits)) / max(1, count);
+        cls: sum over selected rows and classes of BCE(s_logits, sigmoid(t_logits)) / max(1, count)
+            (times ``REFERENCE_CLASSES / num_classes`` if given);
         reg: sum over selected rows of |s_reg - t_reg|_1 / max(1, count).
     """
     lead = tuple(mask.shape)
@@ -219,9 +304,65 @@ def response_loss(
     target = torch.sigmoid(t_logits.detach().to(_compute_dtype(t_logits)))
     logits = s_logits.to(target.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=-1)  # (...)
+    if num_classes is not None:
+        bce = bce * (REFERENCE_CLASSES / num_classes)
     reg = s_reg.to(target.dtype)
     l1 = (reg - t_reg.detach().to(reg.dtype)).abs().sum(dim=-1)  # (...)
     # torch.where, not boolean indexing: no host sync, and unselected rows get exactly 0 gradient.
     zero = bce.new_zeros(())
     divisor = _divisor(mask.sum().to(bce.dtype), normalizer, at_least_one=True)
     return torch.where(mask, bce, zero).sum() / divisor, torch.where(mask, l1, zero).sum() / divisor
+
+
+def rcnn_response_loss(
+    t_logits: Tensor,
+    s_logits: Tensor,
+    t_deltas: Tensor,
+    s_deltas: Tensor,
+    *,
+    temperature: float = 1.0,
+    normalizer: Normalizer = None,
+) -> tuple[Tensor, Tensor]:
+    """Response distillation of Faster R-CNN's second stage on K shared proposals (the GI boxes).
+
+    Args:
+        t_logits, s_logits: (K, C+1) box-predictor class logits, column 0 background (teacher: target).
+        t_deltas, s_deltas: (K, C+1, 4) class-specific box deltas (teacher: target).
+        temperature: T of the soft targets; the KL term is multiplied by T^2 (Hinton et al.) so its
+            gradients keep their size whatever T.
+        normalizer: replaces K (e.g. the global GI count under DDP); divides by max(1, normalizer).
+
+    Returns:
+        cls: T^2 * sum_k KL(softmax(t_k / T) || softmax(s_k / T)) / max(1, count): 0 when the student
+            agrees; a softmax is a distribution, so its size does not grow with the class count.
+        reg: sum_k (1 - p_t(bg | k)) * smoothL1_{beta=1/9}(s_k[c*] - t_k[c*]) / max(1, count), where c*
+            is the teacher's most likely foreground class and p_t its softmax (T = 1): the teacher's
+            box for the class it would report, weighted by its belief that the proposal is an object
+            (Faster R-CNN regresses foreground proposals only; beta is its own 1/9).
+    """
+    num = s_logits.shape[0]
+    if t_logits.shape != s_logits.shape or s_logits.dim() != 2 or s_logits.shape[1] < 2:
+        raise ValueError(
+            f"rcnn_response_loss: t_logits and s_logits must both be (K, C+1) with C >= 1, "
+            f"got {tuple(t_logits.shape)} and {tuple(s_logits.shape)}"
+        )
+    if t_deltas.shape != s_deltas.shape or tuple(s_deltas.shape) != (*s_logits.shape, 4):
+        raise ValueError(
+            f"rcnn_response_loss: t_deltas and s_deltas must both be {(*s_logits.shape, 4)}, "
+            f"got {tuple(t_deltas.shape)} and {tuple(s_deltas.shape)}"
+        )
+    dtype = _compute_dtype(s_logits)
+    t_logits = t_logits.detach().to(dtype)
+    log_p_s = torch.log_softmax(s_logits.to(dtype) / temperature, dim=-1)
+    log_p_t = torch.log_softmax(t_logits / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * temperature**2  # (K,)
+
+    p_t = torch.softmax(t_logits, dim=-1)
+    best = 1 + p_t[:, 1:].argmax(dim=-1)  # (K,) teacher's foreground class
+    rows = torch.arange(num, device=s_deltas.device)
+    s_box, t_box = s_deltas[rows, best].to(dtype), t_deltas.detach()[rows, best].to(dtype)  # (K, 4)
+    l1 = F.smooth_l1_loss(s_box, t_box, beta=1.0 / 9, reduction="none").sum(dim=-1) * (1.0 - p_t[:, 0])  # (K,)
+
+    divisor = _divisor(torch.tensor(float(num), dtype=dtype, device=s_logits.device), normalizer, at_least_one=True)
+    # Sums over K rows are connected zeros when K == 0 (DDP sees the box head used on every rank).
+    return kl.sum() / divisor, l1.sum() / divisor

@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
 
 
 def feature_levels(features: list[Tensor], padded_hw: tuple[int, int]) -> list[int]:
@@ -34,6 +33,41 @@ def assign_levels(boxes: Tensor, levels: list[int], *, canonical_scale: float, c
     return (k - min(levels)).to(torch.int64)
 
 
+def _axis_weights(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio: int) -> Tensor:
+    """ROIAlign's sampling along one axis as a matrix: (K,) roi start/end in map cells -> (K, pooled, size).
+
+    Row p holds the bilinear weights of bin p's samples, averaged: torchvision's ``roi_align``
+    (aligned=True) sample positions, clamping and out-of-map rule, one axis at a time. A sample
+    outside [-1, size] weighs 0; otherwise it is clamped into the map and split between its two
+    neighbouring cells. Bilinear interpolation and the bin average are both products of a
+    y-factor and an x-factor, so the 2-D pooling is ``Wy @ F @ Wx^T``."""
+    k = start.shape[0]
+    length = end - start
+    bin_size = length / pooled
+    if sampling_ratio > 0:
+        grid = torch.full_like(start, float(sampling_ratio))
+        max_grid = sampling_ratio
+    else:  # adaptive: ceil(roi size / pooled) samples per bin, per roi (one host sync)
+        grid = torch.ceil(length / pooled)
+        max_grid = max(int(grid.max()) if k else 0, 1)
+    p = torch.arange(pooled, dtype=start.dtype, device=start.device)[None, :, None]
+    i = torch.arange(max_grid, dtype=start.dtype, device=start.device)[None, None, :]
+    start_, bin_, grid_ = start[:, None, None], bin_size[:, None, None], grid[:, None, None]
+    # the same expression, in the same order, as torchvision's kernel
+    pos = start_ + p * bin_ + (i + 0.5) * bin_ / grid_.clamp(min=1)  # (K, pooled, max_grid)
+    used = (i < grid_) & (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.floor().clamp(max=size - 1)
+    pos = torch.where(low >= size - 1, low, pos)
+    high = (low + 1).clamp(max=size - 1)
+    frac = pos - low
+    scale = used.to(start.dtype) / grid_.clamp(min=1)
+    weights = start.new_zeros((k, pooled, size))
+    weights.scatter_add_(2, low.long(), (1.0 - frac) * scale)
+    weights.scatter_add_(2, high.long(), frac * scale)
+    return weights
+
+
 def pool_instances(
     features: list[Tensor],
     rois: Tensor,
@@ -45,18 +79,65 @@ def pool_instances(
 ) -> Tensor:
     """ROIAlign (K, 5) rois [batch_idx, x1, y1, x2, y2] on their level -> (K, C, s, s).
 
-    One ``roi_align`` per level on just that level's rois. (Pooling every roi on every level and
-    masking avoids a host sync on CUDA, but multiplies ROIAlign's slow scatter-add backward by the
-    number of levels: measured 5x slower on CPU in benchmarks/speed.py.)
+    Equal (to float rounding) to ``torchvision.ops.roi_align(..., aligned=True)`` of each roi on its
+    own level, computed as two batched matrix products per level, ``Wy @ F @ Wx^T``, with the rois
+    padded per image to (N, K_max). On the CPU, torchvision's ROIAlign backward is a single-threaded
+    scatter-add that cost more than all the GID losses together (benchmarks/speed.py); here forward
+    and backward are GEMMs, with one host sync for all levels. ``tests/gid_core/test_roi.py`` and
+    ``tests/gid_core/test_gid_speed_exactness.py`` check values and gradients against ``roi_align``.
     """
-    k, c = rois.shape[0], features[0].shape[1]
-    out = features[0].new_zeros((k, c, output_size, output_size))
+    num_rois, channels = rois.shape[0], features[0].shape[1]
+    dtype = torch.promote_types(features[0].dtype, torch.float32)
+    # every row is written below (zeros for a level with an empty map): no zero-fill pass
+    out = features[0].new_empty((num_rois, channels, output_size, output_size), dtype=dtype)
+    if num_rois == 0:
+        return out.to(features[0].dtype)
+    num_images, num_levels = features[0].shape[0], len(features)
+    image_index = rois[:, 0].long()
+    # group the rois by (level, image): each level pools only its own rois, padded per image
+    group = level_index * num_images + image_index
+    counts = torch.bincount(group, minlength=num_levels * num_images)
+    slot = slot_within_image(group, counts)
+    order = torch.argsort(group, stable=True)
+    per_group = counts.view(num_levels, num_images).tolist()  # the one host sync
+    boxes = rois[:, 1:].detach().to(dtype)  # as roi_align: no gradient to the boxes
+    start = 0
     for lvl, (feature, stride) in enumerate(zip(features, strides)):
-        idx = torch.nonzero(level_index == lvl).squeeze(1)
-        if idx.numel() == 0:
+        num = sum(per_group[lvl])
+        idx, start = order[start : start + num], start + num
+        _, _, height, width = feature.shape
+        if num == 0:
             continue
-        pooled = roi_align(
-            feature, rois[idx], output_size, spatial_scale=1.0 / stride, sampling_ratio=sampling_ratio, aligned=True
-        )  # (k_l, C, s, s)
-        out = out.index_copy(0, idx, pooled.to(out.dtype))
-    return out
+        if height == 0 or width == 0:  # nothing to sample (roi_align gives zeros)
+            out.index_fill_(0, idx, 0.0)
+            continue
+        scaled = boxes[idx] / stride - 0.5  # aligned=True: pixel centres at half-integers
+        wy = _axis_weights(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio)
+        wx = _axis_weights(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio)
+        pooled = _separable_pool(feature.to(dtype), wy, wx, image_index[idx], slot[idx], max(per_group[lvl]))
+        # in place (an out-of-place copy per level copied every row); autocast may give bfloat16
+        out.index_copy_(0, idx, pooled.to(dtype))
+    return out.to(features[0].dtype)
+
+
+def slot_within_image(image_index: Tensor, counts: Tensor) -> Tensor:
+    """(K,) position of each row among the rows of its image (in the given order), for padding a
+    flat (K, ...) batch into (N, K_max, ...); ``counts`` (N,) rows per image."""
+    order = torch.argsort(image_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(image_index.shape[0], device=image_index.device) - starts[image_index[order]]
+    return slot
+
+
+def _separable_pool(feature: Tensor, wy: Tensor, wx: Tensor, image_index: Tensor, slot: Tensor, kmax: int) -> Tensor:
+    """out[k, c] = wy[k] @ feature[image of k, c] @ wx[k]^T for (K, s, H) wy and (K, s, W) wx."""
+    n, c, h, w = feature.shape
+    s = wy.shape[1]
+    wy_pad = wy.new_zeros((n, kmax, s, h)).index_put((image_index, slot), wy)
+    wx_pad = wx.new_zeros((n, kmax, s, w)).index_put((image_index, slot), wx)
+    rows = torch.bmm(wy_pad.reshape(n, kmax * s, h), feature.permute(0, 2, 1, 3).reshape(n, h, c * w))
+    rows = rows.reshape(n * kmax, s * c, w)  # (N K_max, s_y C, W)
+    cells = torch.bmm(rows, wx_pad.reshape(n * kmax, s, w).transpose(1, 2))  # (N K_max, s_y C, s_x)
+    cells = cells.reshape(n, kmax, s, c, s).permute(0, 1, 3, 2, 4)  # (N, K_max, C, s_y, s_x)
+    return cells[image_index, slot]

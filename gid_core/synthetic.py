@@ -13,6 +13,9 @@ Scene recipe (one independent random stream per image, derived from ``(seed, spl
   shipped inside the package), desaturated, lowered in contrast and darkened so objects stand out;
 * clutter: 1-4 distractor shapes (ellipses, rectangles, triangles, lines) in muted colours; they
   are never annotated;
+* easier scenes (the demo's): ``photo_background=False`` paints a flat dark grey instead,
+  ``clutter=False`` draws no distractors, ``object_scale=(lo, hi)`` draws every object's
+  sqrt(box area) / image side from one uniform range instead of the size buckets below;
 * objects: ``min_objects..max_objects`` per image, in three size buckets whose box areas, at
   ``image_size=128``, fall in COCO's small (< 32^2), medium and large (> 96^2) ranges (the bucket
   bounds are fractions of the image side, so other sizes scale the same way). The first object of
@@ -36,6 +39,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -45,7 +49,10 @@ from PIL import Image, ImageDraw
 from gid_core.config import SyntheticDatasetConfig
 from gid_core.fileio import atomic_write_bytes
 
-__all__ = ["SIZE_BUCKETS", "load_digit_sprites", "make_synthetic_dataset", "synthetic_categories"]
+__all__ = [
+    "COCO2017_TRAIN", "SIZE_BUCKETS", "coco_category_ids", "load_digit_sprites", "make_coco_scale_dataset",
+    "make_synthetic_dataset", "synthetic_categories",
+]
 
 # Photographs bundled with scikit-image (in skimage/data/, no download needed).
 TEXTURE_SOURCES = (
@@ -139,6 +146,12 @@ def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val)), dtype=np.float32)
 
 
+def _flat_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float32: a flat dark grey with a slight tint (``photo_background=False``)."""
+    level = rng.uniform(0.22, 0.42) + rng.uniform(-0.04, 0.04, size=3)
+    return np.broadcast_to(level.astype(np.float32), (size, size, 3)).copy()
+
+
 def _draw_distractors(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Muted shapes that are *not* objects (never annotated)."""
     size = image.shape[0]
@@ -160,9 +173,18 @@ def _draw_distractors(rng: np.random.Generator, image: np.ndarray) -> np.ndarray
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def _plan_objects(rng: np.random.Generator, count: int, first_bucket: int, num_classes: int) -> list[tuple]:
-    """``(class, size_fraction, bucket)`` per object, largest first."""
+def _plan_objects(
+    rng: np.random.Generator, count: int, first_bucket: int, num_classes: int,
+    object_scale: tuple[float, float] | None = None,
+) -> list[tuple]:
+    """``(class, size_fraction, bucket)`` per object, largest first; ``object_scale`` replaces the
+    size buckets by one uniform range (the bucket then only picks the aspect jitter)."""
     plans = []
+    if object_scale is not None:
+        for _ in range(count):
+            cls, fraction = int(rng.integers(num_classes)), float(rng.uniform(*object_scale))
+            plans.append((cls, fraction, 2 if fraction >= SIZE_BUCKETS["large"][0] else 1))
+        return sorted(plans, key=lambda p: -p[1])
     has_large = False
     for k in range(count):
         bucket = first_bucket if k == 0 else int(rng.choice(3, p=BUCKET_PROBS))
@@ -207,17 +229,24 @@ def _render_image(
     max_objects: int,
     first_bucket: int,
     digits: tuple[tuple[np.ndarray, ...], ...],
+    object_scale: tuple[float, float] | None = None,
+    clutter: bool = True,
+    photo_background: bool = True,
 ) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
-    """One scene: ``(uint8 (S, S, 3) image, [(digit class, [x, y, w, h]) ...])``."""
+    """One scene: ``(uint8 (S, S, 3) image, [(digit class, [x, y, w, h]) ...])``. The defaults of
+    the last three draw exactly the random numbers of the original scenes (same files)."""
     size = image_size
-    image = _draw_distractors(rng, _background(rng, size))
+    image = _background(rng, size) if photo_background else _flat_background(rng, size)
+    if clutter:
+        image = _draw_distractors(rng, image)
     owner = np.full((size, size), -1, dtype=np.int32)  # index of the object seen at each pixel
     placed: list[dict] = []  # per object: visible / full mask pixels, paste rect
     classes: list[int] = []
     count = int(rng.integers(min_objects, max_objects + 1))
-    plans = _plan_objects(rng, count, first_bucket, num_classes)
+    plans = _plan_objects(rng, count, first_bucket, num_classes, object_scale)
     # Extra small objects only if crowding made us fall short of min_objects.
-    extra = [(int(rng.integers(num_classes)), SIZE_BUCKETS["small"][0], 0) for _ in range(4 * min_objects)]
+    smallest = SIZE_BUCKETS["small"][0] if object_scale is None else object_scale[0]
+    extra = [(int(rng.integers(num_classes)), smallest, 0) for _ in range(4 * min_objects)]
     for cls, fraction, bucket in plans + extra:
         if len(classes) >= count:
             break
@@ -322,6 +351,9 @@ def _write_split(cfg: SyntheticDatasetConfig, split: str, count: int) -> dict:
             max_objects=cfg.max_objects,
             first_bucket=i % 3,
             digits=digits,
+            object_scale=cfg.object_scale,
+            clutter=cfg.clutter,
+            photo_background=cfg.photo_background,
         )
         name = f"{i:06d}.png"
         names.add(name)
@@ -374,3 +406,122 @@ def make_synthetic_dataset(cfg: SyntheticDatasetConfig) -> dict:
         result[f"num_{split}_annotations"] = info["num_annotations"]
     result["categories"] = synthetic_categories(cfg.num_classes)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# COCO-2017-shaped annotation files (scale tests and benchmarks)
+# --------------------------------------------------------------------------------------------
+
+# COCO 2017 train's image, box and empty-image counts (about 1 % of its boxes are crowd regions),
+# and the 10 ids of 1..90 that have no category.
+COCO2017_TRAIN = {"num_images": 118_287, "num_annotations": 860_001, "num_empty": 1_021, "num_crowd": 8_600}
+COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+# Common COCO image sizes (width, height); every image file of one size is the same bytes.
+_COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (640, 426), (640, 424), (500, 375), (640, 640))
+
+
+def coco_category_ids() -> list[int]:
+    """COCO's 80 category ids: 1..90 without the 10 unused ones."""
+    return [i for i in range(1, 91) if i not in COCO_MISSING_IDS]
+
+
+def _annotation_chunk(rng, ids, image_ids, sizes, cat_ids, crowd, polygon_points) -> str:
+    """One chunk of annotations as JSON text (the objects only, comma separated)."""
+    w_img, h_img = sizes[:, 0], sizes[:, 1]
+    bw = np.minimum(np.round(rng.lognormal(3.6, 1.0, len(ids)), 2) + 1.0, w_img - 1.0)
+    bh = np.minimum(np.round(rng.lognormal(3.6, 1.0, len(ids)), 2) + 1.0, h_img - 1.0)
+    x = np.round(rng.random(len(ids)) * (w_img - bw), 2)
+    y = np.round(rng.random(len(ids)) * (h_img - bh), 2)
+    parts = []
+    for k in range(len(ids)):
+        xk, yk, wk, hk = float(x[k]), float(y[k]), float(bw[k]), float(bh[k])
+        if crowd[k]:  # crowd regions carry RLE, as in COCO
+            seg = {"counts": [int(v) for v in rng.integers(1, 400, 8)], "size": [int(h_img[k]), int(w_img[k])]}
+        else:  # a polygon inside the box, of COCO's typical length
+            n = max(3, int(rng.poisson(polygon_points)))
+            pts = np.round(rng.random((n, 2)) * (wk, hk) + (xk, yk), 2)
+            seg = [pts.ravel().tolist()] if polygon_points else []
+        parts.append(json.dumps({
+            "segmentation": seg, "area": round(wk * hk * 0.6, 4), "iscrowd": int(crowd[k]),
+            "image_id": int(image_ids[k]), "bbox": [xk, yk, wk, hk], "category_id": int(cat_ids[k]),
+            "id": int(ids[k]),
+        }, separators=(",", ":")))
+    return ",".join(parts)
+
+
+def make_coco_scale_dataset(
+    out_dir: str | Path,
+    *,
+    num_images: int = COCO2017_TRAIN["num_images"],
+    num_annotations: int = COCO2017_TRAIN["num_annotations"],
+    num_empty: int = COCO2017_TRAIN["num_empty"],
+    num_crowd: int = COCO2017_TRAIN["num_crowd"],
+    polygon_points: int = 12,
+    write_images: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Writes a COCO-2017-shaped detection dataset: ``<out_dir>/annotations.json`` and, with
+    ``write_images``, one small flat JPEG per image under ``<out_dir>/images/`` (the declared size,
+    so header checks pass; identical bytes per size, so 118 k files take seconds).
+
+    The defaults are COCO 2017 train's counts: 118,287 images (1,021 without boxes, sparse shuffled
+    ids), 860,001 boxes in random image order (some crowd, with RLE), the 80 categories with
+    COCO's gapped ids, polygons of ``polygon_points`` points on average (0: empty segmentation).
+    Returns the paths, the counts and the category ids (JSON-serialisable).
+    """
+    if not 0 <= num_empty < num_images or num_annotations < num_images - num_empty or num_crowd > num_annotations:
+        raise ValueError("need 0 <= num_empty < num_images, a box for every non-empty image, num_crowd <= num_annotations")
+    out = Path(out_dir)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    image_ids = rng.choice(np.arange(1, max(600_000, 5 * num_images)), num_images, replace=False)
+    size_index = rng.integers(0, len(_COCO_SIZES), num_images)
+    sizes = np.asarray(_COCO_SIZES, dtype=np.float64)[size_index]
+    # Every non-empty image gets one box, the rest land at random; then shuffle the file order.
+    owners = np.concatenate([np.arange(num_empty, num_images), rng.integers(num_empty, num_images, num_annotations - (num_images - num_empty))])
+    owners = rng.permutation(owners)
+    cats = np.asarray(coco_category_ids())[rng.integers(0, 80, num_annotations)]
+    crowd = np.zeros(num_annotations, dtype=bool)
+    crowd[rng.choice(num_annotations, num_crowd, replace=False)] = True
+    ann_ids = np.arange(1, num_annotations + 1) + 900_000  # ids beyond the image ids, as in COCO
+    chunks = []
+    for start in range(0, num_annotations, 50_000):
+        sl = slice(start, start + 50_000)
+        chunks.append(_annotation_chunk(rng, ann_ids[sl], image_ids[owners[sl]], sizes[owners[sl]], cats[sl],
+                                        crowd[sl], polygon_points))
+    images = [
+        {"license": 1, "file_name": f"{int(i):012d}.jpg", "coco_url": f"http://images.cocodataset.org/train2017/{int(i):012d}.jpg",
+         "height": int(_COCO_SIZES[s][1]), "width": int(_COCO_SIZES[s][0]), "date_captured": "2013-11-14 17:02:52",
+         "flickr_url": "", "id": int(i)}
+        for i, s in zip(image_ids, size_index)
+    ]
+    images_json = json.dumps([images[i] for i in rng.permutation(num_images)], separators=(",", ":"))
+    categories = [{"supercategory": "thing", "id": c, "name": f"category_{c}"} for c in coco_category_ids()]
+    head = json.dumps({"info": {"description": "COCO-2017-shaped synthetic boxes", "version": "1.0"},
+                       "licenses": [{"url": "", "id": 1, "name": "synthetic"}]}, separators=(",", ":"))[:-1]
+    text = f'{head},"images":{images_json},"annotations":[{",".join(chunks)}],"categories":{json.dumps(categories)}}}'
+    ann_path = out / "annotations.json"
+    atomic_write_bytes(ann_path, text.encode("utf-8"))
+    if write_images:
+        _write_flat_jpegs(images_dir, images)
+    return {
+        "annotations": str(ann_path), "images": str(images_dir), "num_images": num_images,
+        "num_annotations": num_annotations, "num_empty": num_empty, "num_crowd": num_crowd,
+        "category_ids": coco_category_ids(),
+    }
+
+
+def _write_flat_jpegs(images_dir: Path, images: list[dict]) -> None:
+    encoded: dict[tuple[int, int], bytes] = {}
+    for img in images:
+        wh = (img["width"], img["height"])
+        if wh not in encoded:
+            buf = io.BytesIO()
+            Image.new("RGB", wh, (114, 114, 114)).save(buf, format="JPEG", quality=50)
+            encoded[wh] = buf.getvalue()
+        fd = os.open(images_dir / img["file_name"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, encoded[wh])
+        finally:
+            os.close(fd)

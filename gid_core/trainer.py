@@ -76,9 +76,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def move_to_device(
-    images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]], device: torch.device
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]] | None, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]] | None]:
+    """``targets`` None (a batch of unlabeled images, ``gid_core.unlabeled``) stays None."""
     images = [img.to(device, non_blocking=True) for img in images]
+    if targets is None:
+        return images, None
     targets = [
         {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
         for t in targets
@@ -92,6 +95,8 @@ class MetricStorage:
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}  # device-side sums (losses, grad norm)
+        # steps that reported each tensor: a GT loss is absent from unlabeled steps (gid_core.unlabeled)
+        self._tensor_steps: dict[str, int] = {}
         self._floats: dict[str, float] = {}  # host-side sums (timings, model statistics)
         self._count = 0
         self._lr = 0.0
@@ -109,6 +114,7 @@ class MetricStorage:
         for k, v in tensors.items():
             v = v.detach().float().clone()  # a private copy: callers may reuse theirs
             self._tensors[k] = self._tensors[k] + v if k in self._tensors else v
+            self._tensor_steps[k] = self._tensor_steps.get(k, 0) + 1
         for k, v in floats.items():
             self._floats[k] = self._floats.get(k, 0.0) + float(v)
         self._count += 1
@@ -137,13 +143,14 @@ class MetricStorage:
             world = get_world_size()
             if world > 1:
                 dist.all_reduce(vec)
-            values = (vec / (world * self._count)).tolist()
+            steps = [self._tensor_steps[k] for k in t_keys] + [self._count] * len(f_keys)
+            values = (vec / (world * torch.tensor(steps, dtype=torch.float64, device=device))).tolist()
             out = dict(zip(t_keys + f_keys, values))
             # images_per_step is a per-rank mean; times are per-rank means of per-step times.
             images_per_step = out.pop("images_per_step") * world
             out["images_per_second"] = images_per_step / max(out["step_time"], 1e-12)
             out["lr"] = self._lr
-            self._tensors, self._floats, self._count = {}, {}, 0
+            self._tensors, self._tensor_steps, self._floats, self._count = {}, {}, {}, 0
         out.update(self._extra)
         self._extra = {}
         self._reduced_at = iteration

@@ -21,8 +21,11 @@ from sqlalchemy import ColumnElement, Row, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import events, webhooks
 from service.errors import Conflict, NotFound
-from service.models import ApiToken, Artifact, Dataset, Job, MetricPoint, Model, Owner, allowed_sources, new_id, utcnow
+from service.models import (
+    ApiToken, Artifact, Dataset, Job, JobTag, MetricPoint, Model, Owner, allowed_sources, new_id, utcnow,
+)
 from service.status import TERMINAL_STATUSES, JobStatus
 
 TOKEN_PREFIX = "gid_"
@@ -82,17 +85,18 @@ def create_dataset(
     owner_id: str,
     name: str,
     source: str,
-    annotations_path: str,
+    annotations_path: str | None,
     images_path: str,
     num_images: int,
     num_annotations: int,
     categories: list[str],
     dataset_id: str | None = None,
+    labeled: bool = True,
 ) -> Dataset:
     dataset = Dataset(
         id=dataset_id or new_id(), owner_id=owner_id, name=name, source=source,
         annotations_path=annotations_path, images_path=images_path, num_images=num_images,
-        num_annotations=num_annotations, categories=list(categories),
+        num_annotations=num_annotations, categories=list(categories), labeled=labeled,
     )
     session.add(dataset)
     session.commit()
@@ -177,9 +181,13 @@ def create_job(
     idempotency_key: str | None,
     train_dataset_id: str,
     val_dataset_id: str | None = None,
+    unlabeled_dataset_id: str | None = None,
     teacher_model_id: str | None = None,
     init_model_id: str | None = None,
     progress: dict[str, Any] | None = None,
+    nodes: int = 1,
+    tags: Sequence[str] = (),
+    webhook_secret: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; returns ``(job, created)``.
 
@@ -190,14 +198,17 @@ def create_job(
     job = Job(
         owner_id=owner_id, kind=kind, name=name, status=JobStatus.QUEUED.value, config=config,
         engine_config=engine_config, request_hash=request_hash, idempotency_key=idempotency_key,
-        train_dataset_id=train_dataset_id, val_dataset_id=val_dataset_id,
+        train_dataset_id=train_dataset_id, val_dataset_id=val_dataset_id, unlabeled_dataset_id=unlabeled_dataset_id,
         teacher_model_id=teacher_model_id, init_model_id=init_model_id,
-        progress=progress or {}, created_at=now, updated_at=now,
+        progress=progress or {}, nodes=nodes, created_at=now, updated_at=now, webhook_url=config.get("webhook_url"),
+        webhook_secret=webhook_secret,
     )
+    job.tag_rows = [JobTag(tag=tag) for tag in tags]
     session.add(job)
     try:
         session.flush()
         _refuse_deleted_inputs(session, job)
+        events.record(session, job_id=job.id, kind=events.STATUS, data={"status": JobStatus.QUEUED.value})
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -214,7 +225,7 @@ def _refuse_deleted_inputs(session: Session, job: Job) -> None:
     """``NotFound`` (after a rollback) if a dataset or model of ``job`` was deleted after it was
     validated. On PostgreSQL the insert's foreign-key check waits for a concurrent delete's row
     lock (``_lock_owned``), so this read sees its outcome; SQLite runs one writer at a time."""
-    datasets = [i for i in (job.train_dataset_id, job.val_dataset_id) if i]
+    datasets = [i for i in (job.train_dataset_id, job.val_dataset_id, job.unlabeled_dataset_id) if i]
     models = [i for i in (job.teacher_model_id, job.init_model_id) if i]
     gone = session.execute(
         select(Dataset.id).where(Dataset.id.in_(datasets), Dataset.deleted_at.is_not(None))
@@ -237,11 +248,18 @@ def get_owned_job(session: Session, *, owner_id: str, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session, *, owner_id: str, status: str | None = None, limit: int = 50, offset: int = 0
+    session: Session, *, owner_id: str, status: str | None = None, kind: str | None = None,
+    name: str | None = None, tags: Sequence[str] = (), limit: int = 50, offset: int = 0,
 ) -> tuple[list[Job], int]:
+    """The owner's jobs, newest first; each filter given must hold (every one of ``tags``)."""
     where = [Job.owner_id == owner_id]
     if status is not None:
         where.append(Job.status == status)
+    if kind is not None:
+        where.append(Job.kind == kind)
+    if name is not None:
+        where.append(Job.name == name)
+    where += [Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)) for tag in dict.fromkeys(tags)]
     return _page(session, Job, *where, limit=limit, offset=offset)
 
 
@@ -260,6 +278,8 @@ def cancel_job(session: Session, *, owner_id: str, job_id: str) -> Job:
             .execution_options(synchronize_session=False)
         )
         if requested.rowcount == 1:
+            data = {"status": JobStatus.RUNNING.value, "cancel_requested": True}
+            events.record(session, job_id=job_id, kind=events.STATUS, data=data)
             break
         current = session.scalar(select(Job.status).where(Job.id == job_id))
         if current in TERMINAL_STATUSES:
@@ -286,7 +306,14 @@ def set_job_status(
         .values(status=status.value, updated_at=values.pop("updated_at", utcnow()), **values)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1
+    if session.execute(stmt).rowcount != 1:
+        return False
+    # After the UPDATE: its row lock orders this job's event ids (service.events).
+    data = {"status": status.value, **({"error": values["error"]} if values.get("error") else {})}
+    events.record(session, job_id=job_id, kind=events.STATUS, data=data)
+    if status in TERMINAL_STATUSES:
+        webhooks.enqueue(session, job_id=job_id, status=status.value)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +346,8 @@ def mark_dataset_deleted(session: Session, *, owner_id: str, dataset_id: str) ->
     keep naming it; the API answers 404 for it from now on."""
     dataset = _lock_owned(session, Dataset, dataset_id, owner_id)
     _refuse_if_in_use(session, f"dataset '{dataset_id}'",
-                      Job.train_dataset_id == dataset_id, Job.val_dataset_id == dataset_id)
+                      Job.train_dataset_id == dataset_id, Job.val_dataset_id == dataset_id,
+                      Job.unlabeled_dataset_id == dataset_id)
     dataset.deleted_at = utcnow()
     session.commit()
     return dataset

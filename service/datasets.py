@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from gid_core.data import ANNOTATIONS_LOC, DATASET_LOC, IMAGES_LOC, label_order, validate_coco_dataset
 from gid_core.errors import Loc
+from gid_core.unlabeled import validate_unlabeled_images
 from service import crud
 from service.core.config import Settings
 from service.errors import FieldErrors, field_error
@@ -111,13 +112,19 @@ def register_by_path(
     *,
     owner_id: str,
     name: str,
-    annotations: str,
+    annotations: str | None,
     images: str,
     roots: list[Path],
     store: Path | None = None,
+    unlabeled: bool = False,
 ) -> Dataset:
+    """Confine and validate, then insert. ``unlabeled``: images only (``annotations``, optional,
+    a COCO file listing them), validated by ``gid_core.unlabeled.validate_unlabeled_images``."""
+    if annotations is None and not unlabeled:
+        raise FieldErrors.one(["body", "annotations"], "required unless unlabeled is true", "missing")
     errors, paths = [], {}
-    for field, value, want_dir in (("annotations", annotations, False), ("images", images, True)):
+    fields = (("annotations", annotations, False), ("images", images, True))
+    for field, value, want_dir in [f for f in fields if f[1] is not None]:
         try:
             paths[field] = confine(value, field, roots, want_dir=want_dir, store=store)
         except FieldErrors as e:
@@ -125,13 +132,38 @@ def register_by_path(
     if errors:
         status = 403 if any(e.status_code == 403 for e in errors) else 422
         raise FieldErrors([err for e in errors for err in e.errors], status_code=status)
-    shown = {paths["annotations"]: annotations, paths["images"]: images}
+    shown = {paths["images"]: images, **({paths["annotations"]: annotations} if annotations else {})}
+    if unlabeled:
+        return _register_unlabeled(session, owner_id=owner_id, name=name, paths=paths, shown=shown)
     summary = validate_dataset(paths["annotations"], paths["images"], shown=shown)
     return crud.create_dataset(
         session, owner_id=owner_id, name=name, source="path", annotations_path=str(paths["annotations"]),
         images_path=str(paths["images"]), num_images=summary.num_images,
         num_annotations=summary.num_annotations, categories=summary.categories,
     )
+
+
+def _register_unlabeled(
+    session: Session, *, owner_id: str, name: str, paths: dict[str, Path], shown: dict[Path, str]
+) -> Dataset:
+    """An image-only dataset: no categories, no annotations counted (labels, if any, are unused)."""
+    annotations = paths.get("annotations")
+    records, problems = validate_unlabeled_images(paths["images"], annotations)
+    if problems:
+        raise FieldErrors([field_error(DATASET_PROBLEM_FIELDS[p.loc], _shown(p.message, shown), p.code)
+                           for p in problems])
+    return crud.create_dataset(
+        session, owner_id=owner_id, name=name, source="path",
+        annotations_path=str(annotations) if annotations else None, images_path=str(paths["images"]),
+        num_images=len(records), num_annotations=0, categories=[], labeled=False,
+    )
+
+
+def _shown(message: str, shown: dict[Path, str]) -> str:
+    """``message`` with each resolved server path as the client sent it (longest first)."""
+    for resolved, sent in sorted(shown.items(), key=lambda item: -len(str(item[0]))):
+        message = message.replace(str(resolved), sent)
+    return message
 
 
 def register_upload(

@@ -25,7 +25,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from gid_core.fileio import finite_only
+from gid_core.fileio import finite_only, flatten_metrics
+from service import events
 from service.crud import set_job_status
 from service.models import Artifact, Job, JobAttempt, MetricPoint, check_transition, utcnow
 from service.status import TERMINAL_STATUSES, JobStatus
@@ -80,6 +81,7 @@ def claim_job(
         return None
     number = session.scalar(select(Job.attempts).where(Job.id == job_id))
     session.add(JobAttempt(job_id=job_id, number=number, worker_id=worker_id, started_at=now))
+    events.record(session, job_id=job_id, kind=events.STATUS, data={"status": JobStatus.RUNNING.value, "attempt": number})
     session.flush()
     job = session.get(Job, job_id, populate_existing=True)
     session.commit()
@@ -133,6 +135,8 @@ def restart_attempt(
     _end_attempts(session, job_id, cause, now)
     number = session.scalar(select(Job.attempts).where(Job.id == job_id))
     session.add(JobAttempt(job_id=job_id, number=number, worker_id=worker_id, started_at=now))
+    events.record(session, job_id=job_id, kind=events.STATUS,
+                  data={"status": JobStatus.RUNNING.value, "attempt": number, "restarted_after": cause[:500]})
     session.commit()
     return number
 
@@ -191,6 +195,8 @@ def update_progress(
     result = session.execute(
         update(Job).where(*_held_by(job_id, worker_id)).values(**values).execution_options(synchronize_session=False)
     )
+    if result.rowcount == 1:
+        events.record(session, job_id=job_id, kind=events.PROGRESS, data=values["progress"])
     session.commit()
     return result.rowcount == 1
 
@@ -206,9 +212,16 @@ def add_metric_points(session: Session, *, job_id: str, points: Iterable[tuple[s
         if math.isfinite(float(value))
     ]
     if rows:
+        _lock_job(session, job_id)
         session.execute(insert(MetricPoint), rows)  # a list of parameter sets: one executemany
+        events.record_metric_points(session, job_id=job_id, rows=rows)
         session.commit()
     return len(rows)
+
+
+def _lock_job(session: Session, job_id: str) -> None:
+    """Lock the job's row until the commit (orders its event ids: ``service.events``)."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
 
 
 def add_artifact(session: Session, *, job_id: str, name: str, path: str, size: int, sha256: str) -> Artifact:
@@ -230,24 +243,45 @@ def finish_job(
     final_metrics: dict[str, Any] | None = None,
     output_model_id: str | None = None,
     cause: str | None = None,
+    final_step: int | None = None,
 ) -> bool:
     """End the job as succeeded, failed or cancelled and release the lease; only while
     ``worker_id`` holds it (False otherwise: the job was taken over or already finished). The
-    running attempt ends with ``cause`` (default: ``error``, else the status)."""
+    running attempt ends with ``cause`` (default: ``error``, else the status).
+
+    ``final_metrics`` with a ``final_step`` (the last iteration) also become points of the metric
+    series (``eval/AP``, ... at that step, as the periodic evaluations are) and a ``final`` event,
+    in the same transaction as the status change."""
     target = JobStatus(status)
     if target not in TERMINAL_STATUSES:
         raise ValueError(f"finish_job: status must be one of {sorted(TERMINAL_STATUSES)}, got {status!r}")
     check_transition(JobStatus.RUNNING, target)
     now = utcnow()
+    if final_metrics and final_step is not None:
+        # Before the status change, so the final event precedes the terminal status event; the
+        # status change's WHERE decides whether any of it is kept (rolled back otherwise).
+        _record_final(session, job_id, final_metrics, int(final_step))
     done = set_job_status(
         session, job_id=job_id, status=target, where=_held_by(job_id, worker_id),
         error=error, final_metrics=finite_only(final_metrics), output_model_id=output_model_id,
         finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now,
     )
-    if done:
-        _end_attempts(session, job_id, cause or error or target.value, now)
+    if not done:
+        session.rollback()
+        return False
+    _end_attempts(session, job_id, cause or error or target.value, now)
     session.commit()
     return done
+
+
+def _record_final(session: Session, job_id: str, metrics: dict[str, Any], step: int) -> None:
+    """The final evaluation as ``eval/*`` points at ``step`` and a ``final`` event (no commit)."""
+    _lock_job(session, job_id)
+    points = flatten_metrics(finite_only(metrics) or {}, "eval")
+    rows = [{"job_id": job_id, "name": name, "step": step, "value": value} for name, value in points.items()]
+    if rows:
+        session.execute(insert(MetricPoint), rows)
+    events.record(session, job_id=job_id, kind=events.FINAL, data={"step": step, "metrics": metrics})
 
 
 def requeue_or_fail_stale_jobs(

@@ -2,13 +2,15 @@
 
 Run it with ``uvicorn --factory service.main:create_app``. Start-up migrates the database to the
 newest Alembic revision before the first request is served. Every ``/v1`` route needs
-``Authorization: Bearer <token>``; ``/healthz``, ``/readyz`` and the OpenAPI pages (``/docs``) do not.
+``Authorization: Bearer <token>``; ``/healthz``, ``/readyz``, the OpenAPI pages (``/docs``) and
+``/metrics`` (``service.prometheus``: its own optional token) do not.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -19,17 +21,25 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.limits import BodySizeLimitMiddleware
-from service.api.routes import datasets, health, jobs, models, usage
+from service.api.docs import add_local_docs
+from service.api.routes import datasets, health, jobs, models, specs, usage, weights
+from service.api.routes import events as job_events
+from service.api.routes import experiments as experiment_routes
+from service.api.routes import instances as gi_instances
 from service.core.config import Settings
 from service.core.config import settings as default_settings
 from service.core.db import make_engine, make_session_factory
+from service.dashboard import mount_dashboard
 from service.errors import Conflict, FieldErrors, NotFound, field_error
+from service.lookup import Ambiguous
 from service.migrate import upgrade_to_head
+from service.prometheus import add_metrics
 from service.models import IllegalTransition
 from service.storage import Storage, UploadTooLarge
 
 log = logging.getLogger(__name__)
 UPLOAD_PATHS = frozenset({"/v1/datasets", "/v1/models"})
+PUT_UPLOAD_PREFIXES = ("/v1/weights/",)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -41,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await run_in_threadpool(upgrade_to_head, settings.database_url)
         await run_in_threadpool(app.state.storage.purge_stale_tmp)
+        # torch's hub cache is the service's (the user's TORCH_HOME does not decide): anything in
+        # this process that resolves torchvision weights looks where the uploads go
+        os.environ["TORCH_HOME"] = str(settings.torch_home)
         log.info("database at head; data in %s", settings.data_dir)
         yield
         engine.dispose()
@@ -51,17 +64,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="General Instance Distillation for object detection: datasets, models, jobs.",
         version="1.0.0",
         lifespan=lifespan,
+        docs_url=None,  # served by add_local_docs: FastAPI's own pages load their assets from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_session_factory(read_engine)
     app.state.storage = Storage(settings.data_dir)
-    app.add_middleware(BodySizeLimitMiddleware, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(BodySizeLimitMiddleware, upload_paths=UPLOAD_PATHS, put_upload_prefixes=PUT_UPLOAD_PREFIXES)
     app.add_middleware(UnexpectedErrorMiddleware)  # outermost of ours: sees every escaped exception
+    add_metrics(app)  # GET /metrics; its timing middleware wraps the one above (sees its 500s)
     _add_error_handlers(app)
-    for module in (health, datasets, models, jobs, usage):
+    for module in (health, datasets, models, jobs, job_events, usage, weights, specs, experiment_routes):
         app.include_router(module.router)
+    add_local_docs(app)  # before any mount at "/", which would shadow /docs
+    app.include_router(gi_instances.router)
+    mount_dashboard(app)  # the web dashboard at / (static files, no build step)
     return app
 
 
@@ -123,6 +142,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Ambiguous)
+    async def _ambiguous(_: Request, exc: Ambiguous) -> JSONResponse:
+        # A path parameter that fits several rows (service.lookup): the candidates, as data.
+        error = field_error(["path", f"{exc.kind}_id"], str(exc), "ambiguous")
+        return JSONResponse({"detail": [{**error, "ctx": {"candidates": exc.candidates}}]}, status_code=409)
 
     @app.exception_handler(Conflict)
     @app.exception_handler(IllegalTransition)

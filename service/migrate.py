@@ -33,6 +33,8 @@ def upgrade_to_head(url: str) -> None:
     try:
         with engine.connect() as connection:
             postgres = connection.dialect.name == "postgresql"
+            if not postgres:
+                _sqlite_foreign_keys(connection, on=False)
             if postgres:
                 connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
                 connection.commit()  # the lock is session-level: it outlives this transaction
@@ -40,6 +42,8 @@ def upgrade_to_head(url: str) -> None:
                 cfg = alembic_config(url)
                 cfg.attributes["connection"] = connection
                 command.upgrade(cfg, "head")
+                if not postgres:
+                    _check_sqlite_foreign_keys(connection)
                 connection.commit()
             finally:
                 if postgres:
@@ -47,6 +51,25 @@ def upgrade_to_head(url: str) -> None:
                     connection.commit()
     finally:
         engine.dispose()
+
+
+def _sqlite_foreign_keys(connection, *, on: bool) -> None:
+    """Switch SQLite's foreign-key enforcement (outside any transaction, where the pragma works).
+
+    Migrations run with it off, as alembic's batch mode requires: batch mode rebuilds a table by
+    copying it, dropping the old one and renaming the copy, and with enforcement on that DROP
+    refuses (RESTRICT) or deletes every row that references the table (CASCADE: events, attempts,
+    metric points). ``_check_sqlite_foreign_keys`` then proves nothing dangles.
+    """
+    connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+
+def _check_sqlite_foreign_keys(connection) -> None:
+    """Refuse to commit a migration that left a row pointing at nothing."""
+    broken = connection.execute(text("PRAGMA foreign_key_check")).fetchall()
+    if broken:
+        tables = sorted({row[0] for row in broken})
+        raise RuntimeError(f"migration left {len(broken)} rows with dangling foreign keys in {', '.join(tables)}")
 
 
 def current_revision(url: str) -> str | None:

@@ -5,8 +5,9 @@ Start a worker node with ``gid worker`` (or ``celery -A worker.celery_app worker
 * Broker: Redis at ``settings.redis_url``; queue ``gid.jobs``; task ``gid.run_job(job_id)`` (both
   names live in ``service.queue``).
 * No result backend: the job's state lives in the database, the message is only a wake-up call.
-* One job per node: ``concurrency=1`` and ``prefetch_multiplier=1``; a node with several GPUs runs
-  one job over all of them (``devices`` DDP ranks), so a node never hoards a second message.
+* One pool process per job slot (``service.workers.detect_capacity``: ``GID_WORKER_SLOTS``, else one
+  per GPU the worker owns, one on CPU) and ``prefetch_multiplier=1``, so a node never hoards messages;
+  each job's child sees only the GPUs it holds (``worker.node.DeviceSlots``: ``CUDA_VISIBLE_DEVICES``).
 * ``acks_late`` + ``reject_on_worker_lost``: a message is acknowledged only after the task ended,
   so a node that dies mid-job does not lose it.
 * ``visibility_timeout`` (Redis redelivers unacknowledged messages after it): long, the job time
@@ -28,8 +29,9 @@ from celery import Celery
 
 from service.core.config import settings
 from service.queue import JOB_QUEUE, RUN_JOB_TASK
+from service.workers import detect_capacity
 
-app = Celery("gid", broker=settings.redis_url, include=["worker.tasks", "worker.reaper"])
+app = Celery("gid", broker=settings.redis_url, include=["worker.tasks", "worker.reaper", "worker.webhook_sender", "worker.node"])
 app.conf.update(
     task_default_queue=JOB_QUEUE,
     task_routes={RUN_JOB_TASK: {"queue": JOB_QUEUE}},
@@ -42,7 +44,7 @@ app.conf.update(
     task_store_errors_even_if_ignored=False,
     result_backend=None,
     worker_prefetch_multiplier=1,
-    worker_concurrency=1,
+    worker_concurrency=detect_capacity(settings).slots,  # one pool process per job slot (worker.node.DeviceSlots)
     # A lost broker connection must not kill a training run: the lease keeps the job consistent.
     worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_send_task_events=False,

@@ -9,6 +9,8 @@
    broker queue (the API could not reach Redis, Redis lost its data, ...) are enqueued again.
    Looking into the queue first keeps a long backlog from being multiplied every sweep; a
    duplicate that slips through anyway is harmless (``claim_job`` lets one worker run a job).
+3. Experiments whose teacher's training job has finished get their GID job
+   (``service.experiments.advance_waiting``), for when nobody reads them through the API.
 
 Where it runs: a daemon thread in the main process of every worker node, started by Celery's
 ``worker_ready`` signal and stopped by ``worker_shutdown``, sweeping every
@@ -30,7 +32,7 @@ from datetime import datetime
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.orm import Session
 
-from service import leases
+from service import experiments, leases
 from service.core.config import settings
 from service.queue import JOB_QUEUE, RUN_JOB_TASK, enqueue_job
 
@@ -45,6 +47,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)  # stale running jobs out of attempts
     reenqueued: list[str] = field(default_factory=list)  # queued jobs whose message was missing
     enqueue_failed: list[str] = field(default_factory=list)  # the broker refused (retried next sweep)
+    released: list[str] = field(default_factory=list)  # GID jobs of experiments whose teacher trained
 
 
 def job_ids_in_queue(client, queue: str = JOB_QUEUE) -> set[str]:
@@ -95,6 +98,9 @@ def reap(
     in_queue = job_ids_in_queue(redis_client) if redis_client is not None and waiting else set()
     forgotten = [j for j in waiting if j not in in_queue and j not in report.requeued]
     _send(forgotten, report, enqueue, what="re-enqueued (no message in the queue)", into=report.reenqueued)
+    # Experiments whose teacher's training job finished: their GID job (service.experiments).
+    released = experiments.advance_waiting(session, settings=settings)
+    _send(released, report, enqueue, what="created by its experiment (teacher trained)", into=report.released)
     return report
 
 

@@ -12,6 +12,9 @@ Rank 0 streams to the database: progress (throttled to one write per
 ``GID_CANCEL_POLL_SECONDS``; ``CancelHook`` agrees on the decision across ranks, the trainer stops
 after the same iteration everywhere and checkpoints.
 
+With ``--evaluate`` the config is an ``EvalConfig`` (an evaluation job): the engine's evaluation
+runs on its devices and the result carries its metrics (also written to ``metrics.json``).
+
 The outcome goes to ``--result`` as JSON (written atomically): ``{"status": "completed" |
 "cancelled" | "failed", "metrics", "iterations", "start_iteration", "export_dir", "error",
 "error_types"}``. ``error`` is one line (exception type and message; the traceback is in the log);
@@ -36,8 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from gid_core.config import JobConfig
-from gid_core.engine import run_job_launched
+from gid_core.config import EvalConfig, JobConfig
+from gid_core.engine import run_evaluation_launched, run_job_launched
 from gid_core.fileio import finite_only, write_json_atomic
 from gid_core.hooks import CancelHook, MetricsHook, ProgressHook
 from gid_core.jobdir import JobDir
@@ -246,7 +249,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, help="die if this process is no longer the parent")
     p.add_argument("--cancel-poll-seconds", type=float, default=1.0)
     p.add_argument("--progress-interval-seconds", type=float, default=1.0)
+    p.add_argument("--evaluate", action="store_true", help="--config is an EvalConfig: COCO metrics, no training")
+    p.add_argument("--allow-weights-download", action="store_true",
+                   help="fetch torchvision weights missing from $TORCH_HOME's cache (hash-checked)")
     return p.parse_args(argv)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """An evaluation job: the engine's evaluation on its devices; its result has the metrics."""
+    cfg = EvalConfig.model_validate_json(args.config.read_text())
+    logger.info("evaluation on %d device(s) of %s", cfg.devices, cfg.annotations)
+    if args.allow_weights_download:
+        from service.weights_store import download_missing
+
+        download_missing(cfg)
+    metrics = run_evaluation_launched(cfg)
+    write_json_atomic(JobDir(args.output_dir).metrics, metrics)
+    return {"status": "completed", "metrics": metrics, "iterations": 0, "start_iteration": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging("runner")
     die_with_parent(args.parent_pid)
     start_iteration = JobDir(args.output_dir).checkpoint_iteration() or 0
+    if args.evaluate:
+        try:
+            result = run_evaluation(args)
+        except Exception as exc:
+            traceback.print_exc()
+            sys.stdout.flush()
+            write_json_atomic(args.result, _failure(exc, 0))
+            return 1
+        write_json_atomic(args.result, result)
+        logger.info("evaluation completed")
+        return 0
     try:
         job = JobConfig.model_validate_json(args.config.read_text())
         logger.info(
@@ -268,17 +298,25 @@ def main(argv: list[str] | None = None) -> int:
                 log_period=job.hyperparameters.log_period, cancel_poll_seconds=args.cancel_poll_seconds,
                 progress_interval_seconds=args.progress_interval_seconds,
             )
+        if args.allow_weights_download:
+            from service.weights_store import download_missing
+
+            for path in download_missing(job):  # once, here, rather than in every rank
+                logger.info("weights file %s", path)
         result = run_job_launched(job, args.output_dir, hook_factory, resume=True)
     except Exception as exc:
         traceback.print_exc()
         sys.stdout.flush()
-        error = describe_exception(exc)[:MAX_ERROR_CHARS]
-        write_json_atomic(args.result, {"status": "failed", "error": error, "error_types": exception_types(exc),
-                                        "start_iteration": start_iteration})
+        write_json_atomic(args.result, _failure(exc, start_iteration))
         return 1
     write_json_atomic(args.result, result)
     logger.info("training %s at iteration %s", result.get("status"), result.get("iterations"))
     return 0
+
+
+def _failure(exc: BaseException, start_iteration: int) -> dict[str, Any]:
+    error = describe_exception(exc)[:MAX_ERROR_CHARS]
+    return {"status": "failed", "error": error, "error_types": exception_types(exc), "start_iteration": start_iteration}
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import crud
+from service import crud, lookup
 from service.core.config import Settings
 from service.core.db import session_scope
+from service.errors import NotFound
 from service.storage import Storage
 
 
@@ -77,3 +78,43 @@ def get_current_owner(
 
 
 CurrentOwner = Annotated[OwnerRef, Depends(get_current_owner)]
+
+
+# --------------------------------------------------------------------------------------------
+# Path parameters that name a job, dataset or model: the full id, a unique name or a unique id
+# prefix (``service.lookup``). The route receives the full id.
+
+
+def _full_id(session: Session, owner: OwnerRef, kind: str, ref: str) -> str:
+    try:
+        return lookup.resolve_id(session, kind, owner_id=owner.id, ref=ref)
+    except NotFound:
+        # the route's own lookup answers 404, after the request's validation errors (a raise
+        # here would come before them)
+        return ref
+    finally:
+        session.commit()  # end the read transaction, as get_current_owner does
+
+
+def _ref_doc(kind: str) -> str:
+    return f"the {kind}'s id, its unique name, or a unique prefix of its id (at least {lookup.MIN_PREFIX} characters)"
+
+
+def job_ref(job_id: Annotated[str, Path(max_length=255, description=_ref_doc("job"))],
+            owner: CurrentOwner, session: SessionDep) -> str:
+    return _full_id(session, owner, "job", job_id)
+
+
+def dataset_ref(dataset_id: Annotated[str, Path(max_length=255, description=_ref_doc("dataset"))],
+                owner: CurrentOwner, session: SessionDep) -> str:
+    return _full_id(session, owner, "dataset", dataset_id)
+
+
+def model_ref(model_id: Annotated[str, Path(max_length=255, description=_ref_doc("model"))],
+              owner: CurrentOwner, session: SessionDep) -> str:
+    return _full_id(session, owner, "model", model_id)
+
+
+JobId = Annotated[str, Depends(job_ref)]
+DatasetId = Annotated[str, Depends(dataset_ref)]
+ModelId = Annotated[str, Depends(model_ref)]

@@ -33,9 +33,10 @@ class BodyTooLarge(HTTPException):
 class BodySizeLimitMiddleware:
     """Limits from the app's settings (``app.state.settings``), read per request."""
 
-    def __init__(self, app: ASGIApp, *, upload_paths: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, *, upload_paths: frozenset[str], put_upload_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.upload_paths = upload_paths
+        self.put_upload_prefixes = put_upload_prefixes  # raw-body file uploads (PUT /v1/weights/{name})
 
     def limit_for(self, scope: Scope) -> int:
         settings = scope["app"].state.settings
@@ -43,6 +44,8 @@ class BodySizeLimitMiddleware:
         if multipart and scope["method"] == "POST" and scope["path"].rstrip("/") in self.upload_paths:
             # Both files of a dataset upload plus form overhead; each file's own limit is checked on write.
             return settings.max_upload_bytes + settings.max_annotation_bytes + 1024 * 1024
+        if scope["method"] == "PUT" and scope["path"].startswith(self.put_upload_prefixes):
+            return settings.max_upload_bytes
         return settings.max_json_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

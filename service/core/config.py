@@ -81,9 +81,26 @@ class Settings(BaseSettings):
         default_factory=lambda: usable_cpus(), ge=1, le=256, description="API processes (default: usable CPU cores)"
     )
 
+    # The API: dashboard's general-instances view (engineer G). GET /v1/jobs/{id}/instances runs
+    # teacher and student in the API process on the CPU: bounded to small models and a few images.
+    inspect_max_checkpoint_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="largest checkpoint (teacher weights too) the API inspects; 0: off"
+    )
+    inspect_max_images: int = Field(8, ge=1, le=64, description="validation images the GI view offers per job")
+
     # Retention (engineer D): what is kept of a finished job's folder.
     keep_checkpoints_after_success: bool = Field(
         False, description="keep checkpoints/ of a succeeded job (its export, metrics and logs are always kept)"
+    )
+
+    # Weights (engineer A): torchvision's published weights by name resolve in torch's hub cache,
+    # <torch_home>/hub/checkpoints/<torchvision's file name>. The API and the worker's training
+    # child set TORCH_HOME to it (the user's own environment does not decide). Offline by default:
+    # a job naming a file not in the cache is refused at submission; `gid weights import` or
+    # PUT /v1/weights/{name} places one (hash-checked).
+    torch_home: Path | None = Field(None, description="TORCH_HOME of the service; None: <data_dir>/torch")
+    allow_weights_download: bool = Field(
+        False, description="let the worker fetch a missing weights file from torchvision's URL (hash-checked)"
     )
 
     # Workers: the job lease (service.leases) and the reaper.
@@ -131,6 +148,62 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacknowledged message after this long; None: job time limit + 1 h",
     )
 
+    # Events, logs and webhooks (engineer E). ``GET /v1/jobs/{id}/events`` and ``/logs?follow=true``
+    # poll the database and the log file (no pub/sub to deploy); the worker's sweeper sends the
+    # terminal-state webhooks (service.webhooks), signed with HMAC-SHA256 when a secret is set.
+    events_poll_seconds: float = Field(
+        0.5, gt=0, le=10, description="how often an open event or log stream looks for news"
+    )
+    events_keepalive_seconds: float = Field(
+        15.0, gt=0, le=300, description="an idle event stream sends a comment this often (proxies drop silent ones)"
+    )
+    webhook_secret: str | None = Field(
+        None, min_length=16,
+        description="HMAC-SHA256 key of the X-GID-Signature-256 header of webhook calls; unset: calls are unsigned",
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="longest wait for one webhook call")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="calls of a webhook before it is given up")
+    webhook_backoff_seconds: float = Field(
+        5.0, ge=0, le=3600, description="wait before calling a failed webhook again, doubled each time"
+    )
+    webhook_poll_seconds: float = Field(2.0, gt=0, le=300, description="how often a worker looks for webhooks to send")
+
+    # Webhook targets (engineer M; service.webhooks). A job's URL is chosen by its submitter but
+    # called from inside the cluster: by default only public addresses are called (checked at
+    # submission for IP literals and after name resolution at delivery), never redirects.
+    webhook_allow_private: bool = Field(
+        False, description="let webhooks call private, loopback, link-local, multicast and unspecified addresses"
+    )
+
+    # Prometheus and experiments (engineer L; service.prometheus, service.experiments). /metrics
+    # shows counts and worker node names only: open unless a token is set.
+    metrics_enabled: bool = Field(True, description="serve GET /metrics (Prometheus text format)")
+    metrics_token: str | None = Field(
+        None, min_length=16, description="when set, GET /metrics needs 'Authorization: Bearer <this token>'"
+    )
+
+    # Workers: capacity and multi-node jobs (engineer H, issue 11; service.workers, worker.node).
+    # A worker registers what it owns and heartbeats it; the API refuses a job no set of live
+    # workers could hold (while none is registered, jobs are accepted and wait in the queue).
+    worker_devices: str | None = Field(
+        None, description="GPU ids this worker owns, e.g. '0,1' (its jobs' CUDA_VISIBLE_DEVICES); "
+                          "None: CUDA_VISIBLE_DEVICES or every visible GPU; '' or no GPU: a CPU worker",
+    )
+    worker_cpu_devices: int = Field(8, ge=1, le=64, description="DDP processes one node of a job may run on a CPU worker")
+    worker_slots: int | None = Field(
+        None, ge=1, le=64, description="jobs a worker runs at once; None: 1 on CPU, one per GPU on CUDA"
+    )
+    worker_address: str | None = Field(
+        None, description="host its peers reach this worker at (rendezvous); None: this machine's host name"
+    )
+    max_nodes: int = Field(8, ge=1, le=64, description="most worker nodes one job may span")
+    gang_timeout_seconds: float = Field(
+        120.0, gt=0, description="a multi-node job gathers its nodes this long, then releases them and waits queued"
+    )
+    rendezvous_timeout_seconds: int = Field(
+        60, ge=5, description="torch elastic rendezvous timeout; also bounds a collective of a multi-node job"
+    )
+
     @model_validator(mode="after")
     def _resolve(self) -> "Settings":
         if self.env != "local" and self.secret_key == DEFAULT_SECRET_KEY:
@@ -140,6 +213,7 @@ class Settings(BaseSettings):
         if self.job_heartbeat_seconds * 2 > self.job_lease_seconds:
             raise ValueError("job_heartbeat_seconds must be at most half of job_lease_seconds")
         self.data_dir = self.data_dir.expanduser().absolute()
+        self.torch_home = (self.torch_home or self.data_dir / "torch").expanduser().absolute()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'gid.db'}"
         self.data_roots = [root.expanduser().resolve() for root in self.data_roots]

@@ -121,3 +121,120 @@ def test_format_table_aligns_columns():
     assert len({len(line) for line in lines}) == 1
     assert "0.001" in table and "1.50" in table
 
+
+
+def test_quality_second_stage_and_normalisation_arms(capsys):
+    """Issue #9 ablations: the arms switch exactly one DistillConfig field; gid_first_stage needs Faster R-CNN."""
+    from dataclasses import replace
+
+    from benchmarks.quality import DEFAULT_ARMS, main, student_job
+
+    data = {k: Path("/nonexistent") / k for k in ("train_annotations", "train_images", "val_annotations", "val_images")}
+    plan = replace(QUICK, arch="fasterrcnn")
+    arms = ("gid", "gid_first_stage", "gid_raw_losses")
+    jobs = {arm: student_job(plan, data, arm, 0, "teacher.safetensors") for arm in arms}
+    assert jobs["gid"].student.arch == jobs["gid"].teacher.arch == "fasterrcnn"
+    distill = {arm: job.hyperparameters.distill.model_dump() for arm, job in jobs.items()}
+    assert distill["gid"]["second_stage"] and distill["gid"]["normalize_losses"]
+    assert {k for k in distill["gid"] if distill["gid"][k] != distill["gid_first_stage"][k]} == {"second_stage"}
+    assert {k for k in distill["gid"] if distill["gid"][k] != distill["gid_raw_losses"][k]} == {"normalize_losses"}
+    assert "gid_first_stage" not in DEFAULT_ARMS and QUICK.arch == "retinanet"
+    with pytest.raises(SystemExit):
+        main(["--arms", "gid", "gid_first_stage"])
+    assert "--arch fasterrcnn" in capsys.readouterr().err
+
+
+def test_quality_peer_method_arms():
+    """Issue #12: the peer arms differ from GID only in ``distill.method`` (same teacher, budget, seeds)."""
+    from benchmarks.quality import ARM_LABELS, DEFAULT_ARMS, aggregate, results_table, student_job
+
+    data = {k: Path("/nonexistent") / k for k in ("train_annotations", "train_images", "val_annotations", "val_images")}
+    jobs = {arm: student_job(QUICK, data, arm, 1, "teacher.safetensors") for arm in ("gid", "fitnet", "dense_response")}
+    gid = jobs["gid"].model_dump()
+    for arm in ("fitnet", "dense_response"):
+        assert arm in DEFAULT_ARMS and arm in ARM_LABELS
+        assert jobs[arm].hyperparameters.distill.method == arm
+        peer = jobs[arm].model_dump()
+        peer["hyperparameters"]["distill"]["method"] = "gid"
+        assert peer == gid  # nothing else differs: same teacher, student, data, schedule, seed and weights
+    metrics = {k: 10.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    runs = [{"arm": arm, "seed": seed, "metrics": metrics, "seconds_per_iter": 0.5} for arm in ("gid", "fitnet")
+            for seed in (0, 1)]
+    table = results_table({"metrics": metrics}, aggregate(runs))
+    assert ARM_LABELS["fitnet"] in table
+
+
+# ---------------------------------------------------------------- unlabeled images (issue #12 item 2)
+
+
+def _coco(num_images: int) -> dict:
+    images = [{"id": 10 + i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(num_images)]
+    anns = [{"id": i + 1, "image_id": 10 + i // 2, "bbox": [1, 1, 8, 8], "area": 64, "category_id": 1, "iscrowd": 0}
+            for i in range(2 * num_images)]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+
+
+def test_semi_split_is_seeded_disjoint_and_image_only(tmp_path: Path):
+    from benchmarks.semi_supervised import split_annotations
+
+    (tmp_path / "train.json").write_text(json.dumps(_coco(20)))
+    a = split_annotations(tmp_path / "train.json", 0.25, 0, tmp_path / "a")
+    b = split_annotations(tmp_path / "train.json", 0.25, 0, tmp_path / "b")
+    c = split_annotations(tmp_path / "train.json", 0.25, 1, tmp_path / "c")
+    labeled = json.loads(Path(a["labeled_annotations"]).read_text())
+    listing = json.loads(Path(a["unlabeled_annotations"]).read_text())
+    assert (a["num_labeled_images"], a["num_unlabeled_images"], a["num_labeled_annotations"]) == (5, 15, 10)
+    ids_l, ids_u = {i["id"] for i in labeled["images"]}, {i["id"] for i in listing["images"]}
+    assert not ids_l & ids_u and ids_l | ids_u == set(range(10, 30))
+    assert {x["image_id"] for x in labeled["annotations"]} == ids_l and labeled["categories"] == _coco(1)["categories"]
+    assert set(listing) == {"images"}  # image-only: no annotations, no categories
+    assert Path(b["labeled_annotations"]).read_text() == Path(a["labeled_annotations"]).read_text()  # seeded
+    assert {i["id"] for i in json.loads(Path(c["labeled_annotations"]).read_text())["images"]} != ids_l
+    # both parts stay non-empty at the extremes
+    assert split_annotations(tmp_path / "train.json", 0.01, 0, tmp_path / "d")["num_labeled_images"] == 1
+    assert split_annotations(tmp_path / "train.json", 0.99, 0, tmp_path / "e")["num_unlabeled_images"] == 1
+
+
+def test_semi_arms_differ_only_in_labels_and_unlabeled_images():
+    from benchmarks.quality import student_job
+    from benchmarks.semi_supervised import SEMI_ARMS, default_unlabeled_ratio, semi_job
+
+    assert default_unlabeled_ratio(0.1) == 0.5 and default_unlabeled_ratio(0.75) == pytest.approx(0.25)
+    data = {k: Path("/nonexistent") / k for k in ("train_annotations", "train_images", "val_annotations", "val_images",
+                                                   "labeled_annotations", "unlabeled_annotations")}
+    data["unlabeled_ratio"] = 0.5
+    jobs = {arm: semi_job(QUICK, data, arm, 1, "teacher.safetensors") for arm in SEMI_ARMS}
+    assert jobs["semi_baseline"].kind == "train" and jobs["semi_gid"].kind == jobs["semi_gid_unlabeled"].kind == "distill"
+    for arm, job in jobs.items():
+        assert job.data.train_annotations == data["labeled_annotations"]
+        assert (job.data.unlabeled_images is not None) == (arm == "semi_gid_unlabeled")
+    mixed = jobs["semi_gid_unlabeled"]
+    assert mixed.data.unlabeled_images == data["train_images"]
+    assert mixed.data.unlabeled_annotations == data["unlabeled_annotations"]
+    assert mixed.hyperparameters.unlabeled_ratio == 0.5
+    # GID on labels only is the quality arm on the labeled part: same teacher, budget, seed
+    assert jobs["semi_gid"] == student_job(QUICK, {**data, "train_annotations": data["labeled_annotations"]},
+                                           "gid", 1, "teacher.safetensors")
+
+
+def test_semi_table_verdict_and_options(capsys):
+    from benchmarks.quality import aggregate, main
+    from benchmarks.semi_supervised import SEMI_ARMS, SEMI_LABELS, semi_table, semi_verdict
+
+    aps = {"semi_baseline": (10.0, 12.0), "semi_gid": (14.0, 14.0), "semi_gid_unlabeled": (18.0, 19.0)}
+    runs = [_run(arm, seed, ap) for arm, values in aps.items() for seed, ap in enumerate(values)]
+    summary = aggregate(runs, arms=SEMI_ARMS)
+    assert list(summary) == list(SEMI_ARMS)
+    data = {"labeled_fraction": 0.1, "num_labeled_images": 400, "num_unlabeled_images": 3600, "unlabeled_ratio": 0.5}
+    table = semi_table({"metrics": {"AP": 30.0}}, summary, data)
+    assert table.count("\n") == 5 and all(label in table for label in SEMI_LABELS.values())  # header, rule, teacher, 3 arms
+    assert "10% (400 images)" in table and "3600 images, 50% of steps" in table and "11.0 ± 1.4" in table
+    v = semi_verdict(summary)
+    assert v["unlabeled_minus_labeled_only_AP"] == pytest.approx(4.5) and v["gid_minus_baseline_AP"] == pytest.approx(3.0)
+    assert v["seed_spread_AP"] == pytest.approx(statistics.stdev([10.0, 12.0])) and v["unlabeled_gain_gt_2x_spread"]
+    for argv, message in ((["--labeled-fraction", "1"], "--labeled-fraction must be in (0, 1)"),
+                          (["--labeled-fraction", "0.1", "--arms", "gid"], "drop --arms"),
+                          (["--labeled-fraction", "0.1", "--unlabeled-ratio", "1"], "--unlabeled-ratio")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -23,7 +23,7 @@ from gid.cli import build_parser
 from service.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = ("api", "worker")
+APP_SERVICES = ("api", "worker", "gpu-worker-a", "gpu-worker-b")
 TEST_VALUES = {"GID_SECRET_KEY": "s" * 40, "POSTGRES_PASSWORD": "pw", "DATASETS_DIR": "/srv/datasets", "API_PORT": "8000"}
 _VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 
@@ -76,7 +76,19 @@ def mounts(compose: dict, name: str) -> dict[str, str]:
 
 
 def test_services_and_volumes(compose):
-    assert set(compose["services"]) == {"api", "worker", "redis", "postgres"}
+    default = {name for name, svc in compose["services"].items() if not svc.get("profiles")}
+    assert default == {"api", "worker", "redis", "postgres"}
+    # the GPU node example: workers that own disjoint device ids, only with --profile gpu-node
+    gpu = {name: compose["services"][name] for name in set(compose["services"]) - default}
+    assert set(gpu) == {"gpu-worker-a", "gpu-worker-b"}
+    assert all(svc["profiles"] == ["gpu-node"] for svc in gpu.values())
+    host_ids = [{i for d in svc["deploy"]["resources"]["reservations"]["devices"] for i in d["device_ids"]}
+                for svc in gpu.values()]
+    assert host_ids[0] and host_ids[1] and not host_ids[0] & host_ids[1]  # each host GPU has one owner
+    for name, given in zip(gpu, host_ids):  # the worker uses the GPUs its container is given (0..n-1)
+        own = service_env(compose, name)["GID_WORKER_DEVICES"].split(",")
+        assert sorted(own) == [str(i) for i in range(len(given))]
+    assert all(mounts(compose, name)["/var/lib/gid"] == "artifacts" for name in gpu)
     declared = set(compose["volumes"])
     for name in compose["services"]:
         for target, source in mounts(compose, name).items():

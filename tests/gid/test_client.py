@@ -82,6 +82,8 @@ def test_wait_for_job_reports_every_state_and_stops_at_a_terminal_one():
     states = iter(["queued", "running", "running", "succeeded", "unreachable"])
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):  # a server without the event stream: the client polls
+            return httpx.Response(404, json={"detail": "Not Found"})
         return httpx.Response(200, json={"id": "j1", "status": next(states)})
 
     seen = []

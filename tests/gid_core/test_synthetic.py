@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from gid_core.config import SyntheticDatasetConfig
 from gid_core.data import CocoDetectionDataset, validate_coco_dataset
@@ -155,3 +157,73 @@ def test_digit_sprites_match_scikit_learn():
     images, labels = load_digit_sprites()
     digits = load_digits()
     assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+
+
+# ----------------------------------------------------------------------- easier scenes (issue #12)
+# Digest of the decoded pixels and the annotation JSON of a small dataset, taken with the generator
+# before the scene fields existed: their defaults must keep every existing dataset (and the
+# benchmark caches keyed on the config) as it was.
+_ORIGINAL_DIGEST = "b7c6f4ad1d58c487f0f64f5249fc9b5685ead3845c4d8423a2e0f7910188f743"
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix == ".png":
+            h.update(p.name.encode())
+            h.update(Image.open(p).tobytes())
+        elif p.name == "annotations.json":
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_scene_defaults_reproduce_the_original_datasets_and_config_dump(tmp_path: Path):
+    cfg = SyntheticDatasetConfig(output_dir=tmp_path, num_train=6, num_val=3, image_size=64, num_classes=10,
+                                 max_objects=6, seed=5)
+    make_synthetic_dataset(cfg)
+    assert _digest(tmp_path) == _ORIGINAL_DIGEST
+    # The dump (the cache key) has the original fields only while the scene fields are defaults.
+    original = {"output_dir", "num_train", "num_val", "image_size", "num_classes", "min_objects", "max_objects", "seed"}
+    assert set(cfg.model_dump(mode="json")) == original
+    easier = cfg.model_copy(update={"clutter": False, "object_scale": (0.3, 0.6)})
+    assert set(easier.model_dump(mode="json")) == original | {"clutter", "object_scale"}
+    assert SyntheticDatasetConfig.model_validate(easier.model_dump(mode="json")) == easier
+
+
+def _scene_stats(cfg: SyntheticDatasetConfig) -> tuple[np.ndarray, float]:
+    """(sqrt(box area) / image side per object, the largest per-image std of the pixels outside boxes)."""
+    result = make_synthetic_dataset(cfg)
+    data = json.loads(Path(result["train_annotations"]).read_text())
+    scales = np.array([np.sqrt(a["area"]) / cfg.image_size for a in data["annotations"]])
+    stds = []
+    for im in data["images"]:
+        pixels = np.asarray(Image.open(Path(result["train_images"]) / im["file_name"]), dtype=np.float32)
+        covered = np.zeros(pixels.shape[:2], dtype=bool)
+        for a in data["annotations"]:
+            if a["image_id"] == im["id"]:
+                x, y, w, h = a["bbox"]
+                covered[y : y + h, x : x + w] = True
+        stds.append(float(pixels[~covered].std(axis=0).max()))
+    assert validate_coco_dataset(result["train_annotations"], result["train_images"])[1] == []
+    return scales, max(stds)
+
+
+def test_scene_fields_do_what_they_say(tmp_path: Path):
+    base = SyntheticDatasetConfig(output_dir=tmp_path, num_train=20, num_val=1, image_size=64, num_classes=2,
+                                  min_objects=1, max_objects=2, seed=1)
+    scales, _ = _scene_stats(base)
+    assert scales.min() < 0.2 and scales.max() > 0.7  # the size buckets: small to large
+    scales, background_std = _scene_stats(base.model_copy(update={"object_scale": (0.3, 0.6)}))
+    # Visible boxes: thresholding trims ~1 px per edge and occlusion may shrink them a little.
+    assert 0.25 <= scales.min() and scales.max() <= 0.6
+    assert background_std > 20  # photographs and clutter
+    _, background_std = _scene_stats(base.model_copy(update={"photo_background": False}))
+    assert background_std > 20  # clutter on a flat background
+    _, background_std = _scene_stats(base.model_copy(update={"photo_background": False, "clutter": False}))
+    assert background_std < 5  # flat: only the pixel noise (std 3) outside the objects
+
+
+@pytest.mark.parametrize("scale", [(0.6, 0.3), (0.01, 0.3), (0.3, 0.95)])
+def test_object_scale_must_be_an_ordered_range(tmp_path: Path, scale):
+    with pytest.raises(ValidationError, match="object_scale"):
+        SyntheticDatasetConfig(output_dir=tmp_path, object_scale=scale)

@@ -70,3 +70,47 @@ def test_settings_from_environment(tmp_path, monkeypatch):
     assert s.data_roots == [tmp_path / "real"] and s.max_attempts == 5 and s.data_dir == tmp_path / "d"
     with pytest.raises(ValidationError, match="at most half"):
         Settings(job_lease_seconds=20, job_heartbeat_seconds=15)
+
+
+# Rows of every table that hangs off a job, at the revision before the migrations that rebuild
+# ``jobs`` / ``datasets`` on SQLite (batch mode copies the table, drops the old one and renames).
+_ROWS_BEFORE_REBUILDS = "0003_h"
+_SEED = [
+    "INSERT INTO owners (id, name, created_at) VALUES ('o', 'alice', '2026-01-01')",
+    "INSERT INTO datasets (id, owner_id, name, source, annotations_path, images_path, num_images,"
+    " num_annotations, categories, created_at) VALUES ('d', 'o', 'set', 'path', '/a.json', '/i', 1, 1,"
+    " '[\"x\"]', '2026-01-01')",
+    "INSERT INTO jobs (id, owner_id, kind, status, config, engine_config, request_hash, train_dataset_id,"
+    " progress, cancel_requested, attempts, created_at, updated_at) VALUES ('j', 'o', 'train',"
+    " 'succeeded', '{}', '{}', 'h', 'd', '{}', 0, 1, '2026-01-01', '2026-01-01')",
+    "INSERT INTO metrics (job_id, name, step, value) VALUES ('j', 'loss', 1, 0.5)",
+    "INSERT INTO artifacts (id, job_id, name, path, size, sha256, created_at) VALUES ('a', 'j', 'm',"
+    " '/m', 1, 's', '2026-01-01')",
+    "INSERT INTO job_attempts (job_id, number, started_at) VALUES ('j', 1, '2026-01-01')",
+    "INSERT INTO job_events (job_id, kind, data, created_at) VALUES ('j', 'status', '{}', '2026-01-01')",
+    "INSERT INTO job_tags (job_id, tag) VALUES ('j', 'keep')",
+]
+_CHILD_TABLES = ("metrics", "artifacts", "job_attempts", "job_events", "job_tags")
+
+
+def test_upgrading_sqlite_keeps_every_row_that_hangs_off_a_job(tmp_path):
+    """Table rebuilds must not cascade: with foreign keys on, SQLite's DROP TABLE deletes the
+    rows that reference the dropped table (ON DELETE CASCADE) before the rename puts it back."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        cfg = alembic_config(url)
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, _ROWS_BEFORE_REBUILDS)
+        connection.commit()
+    engine.dispose()
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        for statement in _SEED:
+            db.execute(statement)
+    upgrade_to_head(url)
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        counts = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in _CHILD_TABLES}
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert counts == dict.fromkeys(_CHILD_TABLES, 1)

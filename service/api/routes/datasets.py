@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from gid_core.fileio import loads_finite
 from service import crud, datasets, deletion
-from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
+from service.api.deps import CurrentOwner, DatasetId, SessionDep, SettingsDep, StorageDep
 from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
 from service.api.responses import AUTHENTICATED, error_responses
 from service.errors import FieldErrors, field_error
@@ -58,7 +58,7 @@ async def register_dataset(
     spec = _path_body(await request.body())
     return await run_in_threadpool(
         datasets.register_by_path, session, owner_id=owner.id, name=spec.name, annotations=spec.annotations,
-        images=spec.images, roots=settings.data_roots, store=storage.root,
+        images=spec.images, roots=settings.data_roots, store=storage.root, unlabeled=spec.unlabeled,
     )
 
 
@@ -72,7 +72,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
-def get_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep):
+def get_dataset(dataset_id: DatasetId, owner: CurrentOwner, session: SessionDep):
     return crud.get_dataset(session, owner_id=owner.id, dataset_id=dataset_id)
 
 
@@ -101,7 +101,7 @@ def _upload_fields(form) -> tuple[str, UploadFile, UploadFile]:
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
-def delete_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
+def delete_dataset(dataset_id: DatasetId, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
     """Delete a dataset: an uploaded one's files are freed; one registered by path is only
     unregistered (its folder is yours). 409 while a queued or running job uses it; finished jobs
     keep its id, which answers 404 from now on."""

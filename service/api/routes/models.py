@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import checkpoints, crud, deletion
-from service.api.deps import CurrentOwner, SessionDep, SettingsDep, StorageDep
+from service.api.deps import CurrentOwner, ModelId, SessionDep, SettingsDep, StorageDep
 from service.api.files import FILE_RESPONSES, file_response
 from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
 from service.api.responses import AUTHENTICATED, error_responses
@@ -45,19 +45,19 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
-def get_model(model_id: str, owner: CurrentOwner, session: SessionDep):
+def get_model(model_id: ModelId, owner: CurrentOwner, session: SessionDep):
     return crud.get_model(session, owner_id=owner.id, model_id=model_id)
 
 
 @router.get("/{model_id}/download", responses={**FILE_RESPONSES, **error_responses(404)})
-def download_model(model_id: str, request: Request, owner: CurrentOwner, session: SessionDep):
+def download_model(model_id: ModelId, request: Request, owner: CurrentOwner, session: SessionDep):
     model = crud.get_model(session, owner_id=owner.id, model_id=model_id)
     suffix = model.path[model.path.rfind(".") :]
     return file_response(request, model.path, sha256=model.sha256, filename=f"{model.id}{suffix}")
 
 
 @router.delete("/{model_id}", status_code=204, responses=error_responses(404, 409))
-def delete_model(model_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
+def delete_model(model_id: ModelId, owner: CurrentOwner, session: SessionDep, storage: StorageDep) -> None:
     """Delete a model and free its file. 409 while a queued or running job uses it (teacher or
     initial weights); finished jobs keep its id, which answers 404 from now on."""
     deletion.delete_model(session, storage, owner_id=owner.id, model_id=model_id)
