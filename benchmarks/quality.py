@@ -335,9 +335,21 @@ def reusable_runs(plan: Plan, paths: Sequence[Path]) -> dict[tuple[str, int], di
         if theirs != mine:
             diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"{path}: recorded under another plan (differs in {', '.join(diff)})")
+        changed = _distill_differences(plan.distill_config().model_dump(mode="json"),
+                                       report.get("models", {}).get("distill", {}))
+        if changed:
+            raise ValueError(f"{path}: recorded with other distillation settings ({', '.join(changed)})")
         for r in recorded:
             runs[r["arm"], r["seed"]] = r
     return runs
+
+
+def _distill_differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Distill settings recorded differently. A setting a file lacks was added later and had its
+    old behaviour then: every setting's default keeps the old computation, except the loss
+    normalisation, which is on by default and did not exist (raw sums) before."""
+    theirs = {"normalize_losses": False, **theirs}
+    return sorted(k for k in theirs if k in mine and mine[k] != theirs[k])
 
 
 def _comparable(plan: dict[str, Any]) -> dict[str, Any]:

@@ -86,13 +86,20 @@ def test_quality_reuse_takes_runs_of_the_same_plan_only(tmp_path: Path):
 
     earlier = replace(FULL, arms=("baseline", "gid"), seeds=(0,))
     path = tmp_path / "quality_earlier.json"
-    path.write_text(json.dumps({"plan": asdict(earlier), "runs": [_run("baseline", 0, 5.0), _run("gid", 0, 9.0)]}))
+    distill = earlier.distill_config().model_dump(mode="json")
+    recorded = [_run("baseline", 0, 5.0), _run("gid", 0, 9.0)]
+    path.write_text(json.dumps({"plan": asdict(earlier), "models": {"distill": distill}, "runs": recorded}))
     # Other arms and seeds, same budget: the recorded runs are reusable.
     runs = reusable_runs(replace(FULL, arms=("feature",), seeds=(0, 1)), [path])
     assert sorted(runs) == [("baseline", 0), ("gid", 0)] and runs["gid", 0]["metrics"]["AP"] == 9.0
     # Another student budget: refused, naming the field.
     with pytest.raises(ValueError, match="student_iters"):
         reusable_runs(QUICK, [path])
+    # Recorded before the loss normalisation existed (raw sums): refused, not mixed into a new table.
+    raw = {k: v for k, v in distill.items() if k != "normalize_losses"}
+    (tmp_path / "raw.json").write_text(json.dumps({"plan": asdict(earlier), "models": {"distill": raw}, "runs": recorded}))
+    with pytest.raises(ValueError, match="normalize_losses"):
+        reusable_runs(FULL, [tmp_path / "raw.json"])
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a quality result file"):
         reusable_runs(FULL, [tmp_path / "bad.json"])
