@@ -23,6 +23,7 @@ Only ``httpx`` and the job status names: the client runs without the server's li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -324,12 +325,18 @@ class Client:
             time.sleep(interval)
         return exp
 
-    def upload_dataset(self, *, name: str, annotations: Path, images_zip: Path) -> dict[str, Any]:
-        """Upload a COCO dataset: its annotation JSON and a zip of its images (multipart)."""
-        with open(annotations, "rb") as ann, open(images_zip, "rb") as images:
-            files = {"annotations": (Path(annotations).name, ann, "application/json"),
-                     "images": (Path(images_zip).name, images, "application/zip")}
-            return self.post("/v1/datasets", data={"name": name}, files=files)
+    def upload_dataset(
+        self, *, name: str, annotations: Path | None, images_zip: Path, unlabeled: bool = False
+    ) -> dict[str, Any]:
+        """Upload a COCO dataset: its annotation JSON and a zip of its images (multipart).
+        ``unlabeled``: images only (``annotations`` optional: a COCO file listing them)."""
+        with contextlib.ExitStack() as stack:
+            files = {"images": (Path(images_zip).name, stack.enter_context(open(images_zip, "rb")), "application/zip")}
+            if annotations is not None:
+                ann = stack.enter_context(open(annotations, "rb"))
+                files["annotations"] = (Path(annotations).name, ann, "application/json")
+            data = {"name": name, **({"unlabeled": "true"} if unlabeled else {})}
+            return self.post("/v1/datasets", data=data, files=files)
 
     def upload_model(self, path: Path, *, name: str, config: dict[str, Any],
                      categories: list[str] | None = None) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def validate_dataset(
         for problem in problems:
             message = problem.message
             if hide_prefix is not None:  # staging paths mean nothing to the client
-                message = message.replace(f"{hide_prefix}/", "").replace(str(hide_prefix), "<upload>")
+                message = _hide_staging(message, hide_prefix)
             for resolved, sent in aliases:
                 message = message.replace(str(resolved), sent)
             errors.append(field_error(DATASET_PROBLEM_FIELDS[problem.loc], message, problem.code))
@@ -171,16 +171,23 @@ def register_upload(
     *,
     owner_id: str,
     name: str,
-    annotations: BinaryIO,
+    annotations: BinaryIO | None,
     images_zip: BinaryIO,
     storage: Storage,
     settings: Settings,
+    unlabeled: bool = False,
 ) -> Dataset:
-    """Store the annotation JSON and the images zip, extract safely, validate, then insert."""
+    """Store the annotation JSON and the images zip, extract safely, validate, then insert.
+    ``unlabeled``: images only; ``annotations`` is optional (a COCO file listing them), without it
+    every image file in the zip counts."""
+    if annotations is None and not unlabeled:
+        raise FieldErrors.one(["body", "annotations"], "required unless unlabeled is true", "missing")
     dataset_id = new_id()
     staging = storage.staging_dir()
     try:
-        copy_fileobj(annotations, staging / "annotations.json", max_bytes=settings.max_annotation_bytes, field="annotations")
+        if annotations is not None:
+            copy_fileobj(annotations, staging / "annotations.json", max_bytes=settings.max_annotation_bytes,
+                         field="annotations")
         archive = copy_fileobj(images_zip, staging / "images.zip", max_bytes=settings.max_upload_bytes, field="images")
         try:
             extract_zip(
@@ -190,35 +197,57 @@ def register_upload(
         except UnsafeArchive as e:
             raise FieldErrors.one(["body", "images"], str(e), "unsafe_archive") from None
         archive.path.unlink()
-        images_root, summary = _validate_upload(staging)
+        images_root, summary = _validate_upload(staging, unlabeled=unlabeled)
         final = storage.dataset_dir(dataset_id)
         storage.publish_dir(staging, final)
     except BaseException:
         storage.remove(staging)
         raise
     try:
+        has_listing = (final / "annotations.json").is_file()
         return crud.create_dataset(
             session, owner_id=owner_id, name=name, source="upload", dataset_id=dataset_id,
-            annotations_path=str(final / "annotations.json"), images_path=str(final / images_root),
-            num_images=summary.num_images, num_annotations=summary.num_annotations, categories=summary.categories,
+            annotations_path=str(final / "annotations.json") if has_listing else None,
+            images_path=str(final / images_root), num_images=summary.num_images,
+            num_annotations=summary.num_annotations, categories=summary.categories, labeled=not unlabeled,
         )
     except BaseException:
         storage.remove(final)
         raise
 
 
-def _validate_upload(staging: Path) -> tuple[Path, DatasetSummary]:
+def _validate_upload(staging: Path, *, unlabeled: bool = False) -> tuple[Path, DatasetSummary]:
     """Validate against the zip's root; if that fails and the zip wraps everything in one folder
     (``zip -r images.zip images/``), try that folder as the root. Returns (root relative, summary)."""
+    validate = _validate_unlabeled_upload if unlabeled else _validate_labeled_upload
     root = staging / "images"
     try:
-        return root.relative_to(staging), validate_dataset(staging / "annotations.json", root, hide_prefix=staging)
+        return root.relative_to(staging), validate(staging, root)
     except FieldErrors as first:
         entries = [p for p in root.iterdir() if p.name != "__MACOSX"]
         if len(entries) != 1 or not entries[0].is_dir():
             raise
         try:
             nested = entries[0]
-            return nested.relative_to(staging), validate_dataset(staging / "annotations.json", nested, hide_prefix=staging)
+            return nested.relative_to(staging), validate(staging, nested)
         except FieldErrors:
             raise first from None
+
+
+def _validate_labeled_upload(staging: Path, root: Path) -> DatasetSummary:
+    return validate_dataset(staging / "annotations.json", root, hide_prefix=staging)
+
+
+def _validate_unlabeled_upload(staging: Path, root: Path) -> DatasetSummary:
+    """``validate_unlabeled_images`` on the extracted zip (and the listing, if one was sent)."""
+    listing = staging / "annotations.json"
+    records, problems = validate_unlabeled_images(root, listing if listing.is_file() else None)
+    if problems:
+        # staging paths mean nothing to the client
+        raise FieldErrors([field_error(DATASET_PROBLEM_FIELDS[p.loc], _hide_staging(p.message, staging), p.code)
+                           for p in problems])
+    return DatasetSummary(len(records), 0, [])
+
+
+def _hide_staging(message: str, staging: Path) -> str:
+    return message.replace(f"{staging}/", "").replace(str(staging), "<upload>")

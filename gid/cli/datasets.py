@@ -40,15 +40,21 @@ def cmd_datasets_register(args: argparse.Namespace) -> int:
 
 def cmd_datasets_upload(args: argparse.Namespace) -> int:
     images = Path(args.images).expanduser()
-    if not Path(args.annotations).is_file():
+    if args.annotations is None and not args.unlabeled:
+        fail("--annotations is required unless --unlabeled")
+    if args.annotations is not None and not Path(args.annotations).is_file():
         fail(f"--annotations {args.annotations}: not a file")
     if not (images.is_dir() or zipfile_like(images)):
         fail(f"--images {images}: expected a folder of images or a .zip of them")
     with tempfile.TemporaryDirectory(prefix="gid-upload-") as tmp:
         archive = images if images.is_file() else zip_folder(images, Path(tmp) / "images.zip")
-        dataset = client_of(args).upload_dataset(name=args.name, annotations=Path(args.annotations), images_zip=archive)
+        dataset = client_of(args).upload_dataset(
+            name=args.name, annotations=Path(args.annotations) if args.annotations else None, images_zip=archive,
+            unlabeled=args.unlabeled,
+        )
     info(f"uploaded dataset {dataset['name']}: {dataset['num_images']} images, "
-         f"{dataset['num_annotations']} annotations, {dataset['num_categories']} categories")
+         f"{dataset['num_annotations']} annotations, {dataset['num_categories']} categories"
+         + ("" if dataset.get("labeled", True) else " (unlabeled: for a distill job's unlabeled_dataset)"))
     print(dataset["id"], flush=True)
     return 0
 
@@ -72,10 +78,12 @@ def add_commands(commands: Commands) -> None:
     client_options(p)
     p.set_defaults(func=cmd_datasets_register)
 
-    p = group.add_parser("upload", help="upload a COCO dataset (annotation JSON + images folder or zip)")
+    p = group.add_parser("upload", help="upload a COCO dataset (annotation JSON + images folder or zip), or --unlabeled images")
     p.add_argument("--name", required=True)
-    p.add_argument("--annotations", required=True, help="COCO annotation JSON")
+    p.add_argument("--annotations", help="COCO annotation JSON (with --unlabeled: optional, a file listing the images)")
     p.add_argument("--images", required=True, help="folder the file_names are relative to (zipped for you), or a .zip")
+    p.add_argument("--unlabeled", action="store_true",
+                   help="images without labels, for a distill job's unlabeled_dataset (GID losses only)")
     client_options(p)
     p.set_defaults(func=cmd_datasets_upload)
 

@@ -204,3 +204,14 @@ def test_engine_config_with_teacher_classes_keeps_the_teachers_names_and_class_m
     job = api.get(f"/v1/jobs/{ok(env, 'submit', str(tmp_path / 'distill.yaml')).strip()}").json()
     assert api.get(f"/v1/models/{job['teacher_model_id']}").json()["categories"] == ["bird", "feline", "dog"]
     assert job["config"]["teacher"]["class_map"] == {"cat": "feline"}
+
+
+def test_upload_unlabeled_images_from_a_folder(live, tmp_path: Path):
+    api, env = live
+    write_coco(tmp_path / "photos", num_images=3)
+    out = gid(env, "datasets", "upload", "--name", "raw", "--images", str(tmp_path / "photos" / "images"))
+    assert out.returncode != 0 and "--annotations is required unless --unlabeled" in out.stderr
+    dataset = ok(env, "datasets", "upload", "--name", "raw", "--unlabeled",
+                 "--images", str(tmp_path / "photos" / "images")).strip()
+    got = api.get(f"/v1/datasets/{dataset}").json()
+    assert (got["labeled"], got["num_images"], got["source"]) == (False, 3, "upload")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,11 +28,15 @@ _REQUEST_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "required": ["name", "annotations", "images"],
+                "required": ["name", "images"],
                 "properties": {
                     "name": {"type": "string", "maxLength": 200},
-                    "annotations": {"type": "string", "format": "binary", "description": "COCO JSON"},
+                    "annotations": {"type": "string", "format": "binary",
+                                    "description": "COCO JSON; required unless unlabeled (then optional: a COCO "
+                                                   "file listing the images, without annotations)"},
                     "images": {"type": "string", "format": "binary", "description": "zip of the images"},
+                    "unlabeled": {"type": "boolean", "default": False,
+                                  "description": "images without labels, for a distillation job's unlabeled_dataset"},
                 },
             }
         },
@@ -49,11 +53,12 @@ async def register_dataset(
 ):
     """Register by server paths (JSON, inside the configured data roots) or by upload (multipart)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        async with request.form(max_files=2, max_fields=3) as form:
-            name, annotations, images = _upload_fields(form)
+        async with request.form(max_files=2, max_fields=4) as form:
+            upload = _upload_fields(form)
             return await run_in_threadpool(
-                datasets.register_upload, session, owner_id=owner.id, name=name, annotations=annotations.file,
-                images_zip=images.file, storage=storage, settings=settings,
+                datasets.register_upload, session, owner_id=owner.id, name=upload.name,
+                annotations=upload.annotations.file if upload.annotations else None, images_zip=upload.images.file,
+                storage=storage, settings=settings, unlabeled=upload.unlabeled,
             )
     spec = _path_body(await request.body())
     return await run_in_threadpool(
@@ -87,17 +92,36 @@ def _path_body(raw: bytes) -> DatasetPathCreate:
         raise RequestValidationError(errors) from None
 
 
-def _upload_fields(form) -> tuple[str, UploadFile, UploadFile]:
+class _Upload(NamedTuple):
+    name: str
+    annotations: UploadFile | None
+    images: UploadFile
+    unlabeled: bool
+
+
+_BOOLEAN_FORM_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _upload_fields(form) -> _Upload:
     errors = []
     name = form.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= 200:
         errors.append(field_error(["body", "name"], "required, 1 to 200 characters", "missing"))
-    for field in ("annotations", "images"):
-        if not isinstance(form.get(field), UploadFile):
-            errors.append(field_error(["body", field], "required file", "missing"))
+    unlabeled = form.get("unlabeled", "false")
+    if not isinstance(unlabeled, str) or unlabeled.lower() not in _BOOLEAN_FORM_VALUES:
+        errors.append(field_error(["body", "unlabeled"], "must be true or false", "bool_parsing"))
+        unlabeled = "false"
+    unlabeled = _BOOLEAN_FORM_VALUES[unlabeled.lower()]
+    if not isinstance(form.get("images"), UploadFile):
+        errors.append(field_error(["body", "images"], "required file", "missing"))
+    annotations = form.get("annotations")
+    if annotations is not None and not isinstance(annotations, UploadFile):
+        errors.append(field_error(["body", "annotations"], "must be a file", "missing"))
+    elif annotations is None and not unlabeled:
+        errors.append(field_error(["body", "annotations"], "required file unless unlabeled is true", "missing"))
     if errors:
         raise FieldErrors(errors)
-    return name, form["annotations"], form["images"]
+    return _Upload(name, annotations, form["images"], unlabeled)
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
