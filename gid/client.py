@@ -182,6 +182,9 @@ class Client:
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs).json()
 
+    def patch(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PATCH", path, **kwargs).json()
+
     def download(self, path: str, dest: Path, *, resume_attempts: int = 5) -> tuple[int, str]:
         """Stream ``path`` to ``dest`` (all or nothing), checking its sha256 against the ETag.
         Returns (size in bytes, sha256 hex digest).
@@ -245,6 +248,11 @@ class Client:
 
     def get_job(self, job_id: str) -> Job:
         return self.get(f"/v1/jobs/{job_id}")
+
+    def update_job(self, job_id: str, **changes: Any) -> Job:
+        """``PATCH /v1/jobs/{id}``: ``name=`` and/or ``tags=`` (the whole list) replace the job's;
+        None clears."""
+        return self.patch(f"/v1/jobs/{job_id}", json=changes)
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued job at once, or ask the worker running it to stop."""

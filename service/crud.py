@@ -247,6 +247,19 @@ def get_owned_job(session: Session, *, owner_id: str, job_id: str) -> Job:
     return job
 
 
+def update_job(session: Session, *, owner_id: str, job_id: str, changes: dict[str, Any]) -> Job:
+    """Set the job's ``name`` and/or ``tags`` (the keys present in ``changes``; None clears)."""
+    job = get_owned_job(session, owner_id=owner_id, job_id=job_id)
+    if "name" in changes:
+        job.name = changes["name"]
+    if "tags" in changes:
+        kept = {row.tag: row for row in job.tag_rows}  # a kept tag keeps its row (no delete + insert of one key)
+        job.tag_rows = [kept.get(tag) or JobTag(tag=tag) for tag in changes["tags"] or ()]
+    job.updated_at = utcnow()
+    session.commit()
+    return get_owned_job(session, owner_id=owner_id, job_id=job_id)
+
+
 def list_jobs(
     session: Session, *, owner_id: str, status: str | None = None, kind: str | None = None,
     name: str | None = None, tags: Sequence[str] = (), limit: int = 50, offset: int = 0,

@@ -129,6 +129,20 @@ MAX_TAGS = 20
 WebhookUrl = Annotated[AnyHttpUrl, UrlConstraints(max_length=2000, allowed_schemes=["http", "https"])]
 
 
+class JobUpdate(StrictModel):
+    """``PATCH /v1/jobs/{id}``: the fields given replace the job's (in any state); others stay."""
+
+    name: str | None = Field(None, min_length=1, max_length=200, description="a name to find the job by; null clears it")
+    tags: list[Tag] | None = Field(
+        None, max_length=MAX_TAGS, description="the job's whole tag list (replaces it; [] or null clears it)"
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _distinct_tags(cls, tags: list[str] | None) -> list[str] | None:
+        return None if tags is None else JobCreate._distinct_tags(tags)
+
+
 class JobCreate(StrictModel):
     kind: Literal["train", "distill"]
     name: str | None = Field(None, min_length=1, max_length=200, description="a name to find the job by")

@@ -133,6 +133,23 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return list_resource(args, JOB_COLUMNS, row=job_row)
 
 
+def cmd_jobs_update(args: argparse.Namespace) -> int:
+    """Rename and/or re-tag: ``--tag`` adds, ``--untag`` removes, the job's other tags stay."""
+    changes: dict[str, object] = {}
+    if args.name is not None or args.clear_name:
+        changes["name"] = None if args.clear_name else args.name
+    client = client_of(args)
+    if args.tag or args.untag:
+        current = client.get_job(args.job_id)["tags"]
+        removed = set(args.untag or ())
+        changes["tags"] = [t for t in dict.fromkeys([*current, *(args.tag or ())]) if t not in removed]
+    if not changes:
+        fail("jobs update: nothing to change (give --name, --clear-name, --tag or --untag)")
+    job = client.update_job(args.job_id, **changes)
+    info(f"job {job['id']}: name {job['name'] or '-'}, tags {', '.join(job['tags']) or '-'}")
+    return 0
+
+
 def check_download_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse cannot express: exactly one of JOB_ID and --model; --artifact with a JOB_ID."""
     if bool(args.job_id) == bool(args.model):
@@ -151,13 +168,24 @@ def add_commands(commands: Commands) -> None:
 
 
 def add_list_command(commands: Commands) -> None:
-    p = add_list_parser(add_resource_group(commands, "jobs"), "jobs")
+    group = add_resource_group(commands, "jobs")
+    p = add_list_parser(group, "jobs")
     p.add_argument("--status", choices=[str(s) for s in JobStatus])
     p.add_argument("--kind", choices=JOB_KINDS)
     p.add_argument("--name", help="exact job name")
     p.add_argument("--tag", action="append", help="jobs with this tag (repeatable: every tag)")
     client_options(p)
     p.set_defaults(func=cmd_jobs_list, resource="jobs")
+
+    p = group.add_parser("update", help="rename or re-tag a job (any state)")
+    p.add_argument("job_id", help="job id, unique name or unique id prefix")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--name", help="the job's new name")
+    names.add_argument("--clear-name", action="store_true", help="remove the job's name")
+    p.add_argument("--tag", action="append", help="add this tag (repeatable)")
+    p.add_argument("--untag", action="append", help="remove this tag (repeatable)")
+    client_options(p)
+    p.set_defaults(func=cmd_jobs_update)
 
 
 def _add_submit(commands: Commands) -> None:

@@ -215,3 +215,17 @@ def test_upload_unlabeled_images_from_a_folder(live, tmp_path: Path):
                  "--images", str(tmp_path / "photos" / "images")).strip()
     got = api.get(f"/v1/datasets/{dataset}").json()
     assert (got["labeled"], got["num_images"], got["source"]) == (False, 3, "upload")
+
+
+def test_jobs_update_renames_and_retags(live):
+    api, env = live
+    r = api.post("/v1/jobs", json={"kind": "train", "student": dict(TINY_MODEL), "train_dataset": api.register_dataset(),
+                                   "tags": ["old", "keep"]})
+    job_id = r.json()["id"]
+    out = gid(env, "jobs", "update", job_id[:8])
+    assert out.returncode != 0 and "nothing to change" in out.stderr
+    ok(env, "jobs", "update", job_id[:8], "--name", "second", "--tag", "new", "--untag", "old")
+    got = api.get(f"/v1/jobs/{job_id}").json()
+    assert (got["name"], got["tags"]) == ("second", ["keep", "new"])
+    ok(env, "jobs", "update", "second", "--clear-name")
+    assert api.get(f"/v1/jobs/{job_id}").json()["name"] is None

@@ -1,5 +1,5 @@
-"""``/v1/jobs``: submit (validated, idempotent, enqueued after commit), list, status, metrics,
-cancel, artifacts."""
+"""``/v1/jobs``: submit (validated, idempotent, enqueued after commit), list, status, rename and
+re-tag, metrics, cancel, artifacts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from service.api.deps import CurrentOwner, JobId, SessionDep, SettingsDep, Stora
 from service.api.files import FILE_RESPONSES, file_response
 from service.api.limits import MAX_QUERY_INT, StrictJSONRoute
 from service.api.responses import AUTHENTICATED, error_responses
-from service.schemas import MAX_TAGS, ArtifactOut, JobOut, JobRequest, MetricsOut, Page, Tag
+from service.schemas import MAX_TAGS, ArtifactOut, JobOut, JobRequest, JobUpdate, MetricsOut, Page, Tag
 from service.status import JobStatus
 
 JOB_KINDS = ("train", "distill", "evaluate")
@@ -116,6 +116,12 @@ def get_metrics(
     series = crud.get_metrics(session, job_id=job_id, names=wanted, since_step=since_step, max_points=max_points)
     last = max((s["steps"][-1] for s in series.values() if s["steps"]), default=None)
     return MetricsOut(job_id=job_id, series=series, last_step=last)
+
+
+@router.patch("/{job_id}", response_model=JobOut, responses=error_responses(404))
+def update_job(job_id: JobId, body: JobUpdate, owner: CurrentOwner, session: SessionDep):
+    """Rename or re-tag a job, in any state: the fields given replace the job's (null clears)."""
+    return crud.update_job(session, owner_id=owner.id, job_id=job_id, changes=body.model_dump(exclude_unset=True))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
