@@ -527,9 +527,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"GID - baseline: {targets['gid_minus_baseline_AP']:+.1f} AP (seed spread {targets['seed_spread_AP']:.1f}); "
               f"GID - teacher: {targets['gid_minus_teacher_AP']:+.1f} AP", flush=True)
 
-    report = {
+    report = build_report(plan, list(sys.argv[1:] if argv is None else argv), data, teacher, runs, summary,
+                          targets, table, start, reused_from=[str(p) for p in args.reuse])
+    write_json_atomic(args.out / f"quality_{tag}.json", report)
+    plot_curves(runs, teacher, args.out / f"quality_{tag}_curve.png",
+                f"val AP vs iteration ({plan.name}: {plan.student_iters} iters, seeds {list(plan.seeds)})")
+    print(f"wrote {args.out / f'quality_{tag}.json'} and {args.out / f'quality_{tag}_curve.png'} "
+          f"({report['wall_minutes']:.1f} min)", flush=True)
+    return 0
+
+
+def build_report(plan: Plan, argv: Sequence[str], data: dict, teacher: dict[str, Any], runs: list[dict[str, Any]],
+                 summary: dict, targets: dict, table: str, started: float, **extra: Any) -> dict[str, Any]:
+    """The result file's content (``quality_<tag>.json``), for the quality arms and the
+    unlabeled-images protocol alike; ``extra`` keys go in after the runs."""
+    return {
         "plan": asdict(plan),
-        "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.quality " + " ".join(argv),
         "machine": machine_info(),
         "dataset": {k: v for k, v in data.items() if k.startswith("num_")},
         "teacher": {k: teacher.get(k) for k in ("metrics", "seconds", "dir", "curve", "stages", "iters")},
@@ -539,18 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "distill": plan.distill_config().model_dump(mode="json"),
         },
         "runs": runs,
-        "reused_from": [str(p) for p in args.reuse],
+        **extra,
         "summary": summary,
         "targets": targets,
         "table": table,
-        "wall_minutes": (time.perf_counter() - start) / 60,
+        "wall_minutes": (time.perf_counter() - started) / 60,
     }
-    write_json_atomic(args.out / f"quality_{tag}.json", report)
-    plot_curves(runs, teacher, args.out / f"quality_{tag}_curve.png",
-                f"val AP vs iteration ({plan.name}: {plan.student_iters} iters, seeds {list(plan.seeds)})")
-    print(f"wrote {args.out / f'quality_{tag}.json'} and {args.out / f'quality_{tag}_curve.png'} "
-          f"({report['wall_minutes']:.1f} min)", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

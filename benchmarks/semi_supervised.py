@@ -25,14 +25,14 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gid_core.config import JobConfig
 from gid_core.fileio import sha256_file, write_json_atomic
 
-from .common import CACHE_DIR, config_hash, format_table, machine_info
+from .common import CACHE_DIR, config_hash, format_table
 
 UNLABELED_SHARE_CAP = 0.5  # at most half of the steps without ground truth
 # arm -> (the quality arm it extends, whether it adds the unlabeled rest)
@@ -157,23 +157,9 @@ def run(plan: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
     if targets:
         print(f"unlabeled rest: {targets['unlabeled_minus_labeled_only_AP']:+.1f} AP over GID on the labeled part "
               f"(seed spread {targets['seed_spread_AP']:.1f})", flush=True)
-    report = {
-        "plan": asdict(plan),
-        "command": "python -m benchmarks.quality " + " ".join(argv),
-        "machine": machine_info(),
-        "dataset": {k: v for k, v in data.items() if k.startswith("num_")},
-        "semi_supervised": {k: data[k] for k in ("labeled_fraction", "split_seed", "unlabeled_ratio",
-                                                 "labeled_annotations", "unlabeled_annotations")},
-        "teacher": {k: teacher.get(k) for k in ("metrics", "seconds", "dir", "curve", "stages", "iters")},
-        "models": {"teacher": plan.teacher_model().model_dump(mode="json"),
-                   "student": plan.student_model().model_dump(mode="json"),
-                   "distill": plan.distill_config().model_dump(mode="json")},
-        "runs": runs,
-        "summary": summary,
-        "targets": targets,
-        "table": table,
-        "wall_minutes": (time.perf_counter() - start) / 60,
-    }
+    semi = {k: data[k] for k in ("labeled_fraction", "split_seed", "unlabeled_ratio",
+                                 "labeled_annotations", "unlabeled_annotations")}
+    report = quality.build_report(plan, argv, data, teacher, runs, summary, targets, table, start, semi_supervised=semi)
     write_json_atomic(args.out / f"quality_{tag}.json", report)
     print(f"wrote {args.out / f'quality_{tag}.json'} ({report['wall_minutes']:.1f} min)", flush=True)
     return 0
