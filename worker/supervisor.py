@@ -12,7 +12,8 @@ node of a multi-node job) run once a job is claimed:
    seen by rank 0 itself (it reads the flag, all ranks stop after the same iteration and
    checkpoint); the supervisor only kills the child if it has not exited ``cancel_grace_seconds`` later.
    An evaluation job (``kind: evaluate``, ``service.evaluate``) runs the same way, its child
-   started with ``--evaluate`` on the job's ``EvalConfig``.
+   started with ``--evaluate`` on the job's ``EvalConfig``; cancelled, it is killed as soon as the
+   request is seen (it has no checkpoint to save).
 3. The outcome: completed -> the export becomes a model (``crud.create_model``), the export,
    metrics, newest checkpoint and log are registered as artifacts with their sha256, and the job
    ``succeeded`` with its final COCO metrics; cancelled -> ``cancelled``; anything else ->
@@ -234,6 +235,9 @@ class JobSupervisor:
         unreachable_limit = max(float(settings.job_lease_seconds) - heartbeat, heartbeat)
         last_renewed = next_beat = time.monotonic()
         cancel_seen: float | None = None
+        # Training stops at its next iteration and saves a checkpoint; an evaluation has nothing to
+        # save and no iteration to stop at, so it is stopped as soon as the request is seen.
+        cancel_grace = 0.0 if self.job.kind == "evaluate" else settings.cancel_grace_seconds
         while True:
             try:
                 return Outcome(self.proc.wait(timeout=POLL_SECONDS))
@@ -268,7 +272,7 @@ class JobSupervisor:
                     logger.warning("job %s: %s; stopping the training child", self.job_id, lost)
                     self._kill_child()
                     return Outcome(self.proc.returncode, node_lost=lost)
-            if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
+            if cancel_seen is not None and now - cancel_seen >= cancel_grace:
                 logger.warning("job %s: still running %.0f s after the cancel request; killing it",
                                self.job_id, now - cancel_seen)
                 self._kill_child()

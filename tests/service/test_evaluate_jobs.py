@@ -53,7 +53,7 @@ def test_refusals_name_the_field(api):
     assert [j["id"] for j in api.get("/v1/jobs?kind=evaluate").json()["items"]] == [job["id"]]
 
 
-def _upload_detecting_model(stack_api, tmp_path) -> str:
+def _upload_detecting_model(stack_api, tmp_path, name: str = "eval-me") -> str:
     """A random tiny RetinaNet whose classifier prior is raised, so that it detects something."""
     config = ModelConfig(**tiny_student(), norm="frozen_bn")
     model = build_detector(config, load_weights=False)
@@ -61,7 +61,7 @@ def _upload_detecting_model(stack_api, tmp_path) -> str:
     path = tmp_path / "m.safetensors"
     save_state_dict_file(model.state_dict(), path)
     files = {"file": ("m.safetensors", io.BytesIO(path.read_bytes()))}
-    data = {"name": "eval-me", "config": config.model_dump_json(exclude={"weights"})}
+    data = {"name": name, "config": config.model_dump_json(exclude={"weights"})}
     return stack_api.post("/v1/models", files=files, data=data)["id"]
 
 
@@ -143,3 +143,28 @@ def test_detections_of_a_model_of_other_classes_are_relabelled_by_name(tmp_path)
     with pytest.raises(Exception, match="lack") as e:
         eval_class_match(lacking, categories)
     assert e.value.problems[0].loc[0] == "model_classes"
+
+
+@pytest.mark.slow
+def test_cancelled_evaluation_stops_at_once(stack, tiny_dataset, tmp_path):
+    """An evaluation has no checkpoint to save: the supervisor kills it when it sees the request,
+    not after ``cancel_grace_seconds`` (20 s in this stack)."""
+    import time
+
+    stack_api = StackApi(stack)
+    stack_api.post("/v1/datasets", json={"name": "eval-slow", "annotations": tiny_dataset["val_annotations"],
+                                         "images": tiny_dataset["val_images"]})
+    _upload_detecting_model(stack_api, tmp_path, name="eval-slow-model")
+    # 1333 px inputs keep the child busy for far longer than the heartbeat (1 s) it is cancelled within
+    job = stack_api.post("/v1/jobs", json={"kind": "evaluate", "model_id": "eval-slow-model", "dataset": "eval-slow",
+                                           "batch_size": 1, "min_size": 1333, "max_size": 1333})
+    deadline = time.monotonic() + 120
+    while stack_api.get(f"/v1/jobs/{job['id']}")["status"] == "queued":
+        assert time.monotonic() < deadline, "the evaluation never started"
+        time.sleep(0.1)
+    requested = time.monotonic()
+    stack_api.post(f"/v1/jobs/{job['id']}/cancel", expect=200)
+    done = stack_api.wait_terminal(job["id"], timeout=60)
+    assert done["status"] == "cancelled", done
+    assert time.monotonic() - requested < 10, "waited for the cancel grace period"
+    stack_api.http.close()
