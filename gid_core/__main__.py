@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine import check_dataset, run_evaluation_launched
+    from .engine import check_eval_inputs, run_evaluation_launched
     from .fileio import write_json_atomic
     from .jobdir import JobDir
 
@@ -95,8 +95,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.devices is not None:
         data["devices"] = args.devices
     cfg: EvalConfig = parse_model(EvalConfig, data, args.config)
-    if cfg.devices > 1:
-        check_dataset(cfg.annotations, cfg.images, cfg.model.num_classes, loc=("model", "num_classes"))
+    if cfg.devices > 1:  # the checks each rank makes, reported once
+        check_eval_inputs(cfg)
     metrics = run_evaluation_launched(cfg)
     if args.output_dir is not None:
         write_json_atomic(JobDir(args.output_dir).metrics, metrics)  # creates the folder

@@ -87,6 +87,12 @@ def check_dataset(annotations: Any, images: Any, num_classes: int, *, loc: Loc) 
     _raise_setup_problems(dataset_class_problems(num_classes, categories, loc=loc, dataset=str(annotations)))
 
 
+def check_eval_inputs(cfg: EvalConfig) -> None:
+    """The dataset and class checks ``run_evaluation`` makes, without building anything (a
+    multi-device evaluation reports them once, before any process starts)."""
+    eval_class_match(cfg, _validated_categories(cfg.annotations, cfg.images))
+
+
 def check_job_inputs(job: JobConfig) -> None:
     """The dataset checks ``run_job`` makes, without building anything."""
     train = _validated_categories(job.data.train_annotations, job.data.train_images)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from gid_core.config import JobConfig, ModelConfig, SyntheticDatasetConfig
+from gid_core.config import EvalConfig, JobConfig, ModelConfig, SyntheticDatasetConfig
 from gid_core.data import IMAGES_LOC, DatasetValidationError
 from gid_core.engine import (
     JobSetupError,
     check_dataset,
+    check_eval_inputs,
     check_job_inputs,
     load_job_datasets,
     load_model_for_eval,
@@ -69,3 +70,20 @@ def test_evaluation_needs_weights():
     with pytest.raises(JobSetupError) as info:
         load_model_for_eval(ModelConfig(**MODEL))
     assert [p.loc for p in info.value.problems] == [("model", "weights")]
+
+
+def test_eval_inputs_are_checked_as_each_rank_checks_them(datasets):
+    """A model of other classes (relabelled by name) passes the pre-check of a multi-device
+    evaluation, which used to compare only the class counts."""
+    data = {"annotations": datasets[2]["val_annotations"], "images": datasets[2]["val_images"]}
+    five = {**MODEL, "num_classes": 5, "weights": "unused.safetensors"}
+    named = ["a", "digit_1", "b", "digit_0", "c"]
+    check_eval_inputs(EvalConfig(model=five, model_classes={"categories": named}, **data))
+    with pytest.raises(JobSetupError) as info:  # the count check said "5 != 2" here
+        check_dataset(data["annotations"], data["images"], 5, loc=("model", "num_classes"))
+    with pytest.raises(JobSetupError) as info:
+        check_eval_inputs(EvalConfig(model=five, model_classes={"categories": ["a", "digit_1", "b", "c", "d"]}, **data))
+    assert [p.loc[0] for p in info.value.problems] == ["model_classes"] and "digit_0" in str(info.value)
+    with pytest.raises(DatasetValidationError):
+        check_eval_inputs(EvalConfig(model=five, model_classes={"categories": named},
+                                     **{**data, "images": Path(data["images"]) / "missing"}))
