@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from gid_core.config import DistillConfig, ModelConfig
 from gid_core.data import CocoDetectionDataset, collate_detection
 from gid_core.dense import DenseOutputs
-from gid_core.distill import GIDDistiller
+from gid_core.distill import GIDDistiller, _rows  # _rows: the embeddings the relation loss reads
 from gid_core.fileio import write_json_atomic
 from gid_core.gism import select_general_instances_batched
 from gid_core.losses import feature_loss, relation_loss_batched, response_loss
@@ -192,7 +192,7 @@ def time_parts(distiller: GIDDistiller, images: list[Tensor], targets: list[dict
 
     def relation():
         loss = cfg.weight_relation * relation_loss_batched(
-            t_inst.flatten(1), s_inst.flatten(1), image_index, n, normalizer=_count((counts >= 2).sum())
+            _rows(t_inst), _rows(s_inst), image_index, n, normalizer=_count((counts >= 2).sum())
         )
         loss.backward()
 

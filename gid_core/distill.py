@@ -67,6 +67,15 @@ def _global_count(count: Tensor) -> Tensor:
     return count
 
 
+def _rows(inst: Tensor) -> Tensor:
+    """(K, C, s, s) pooled features as (K, C s s) embeddings in their memory order: a view of the
+    channels-last patches ``pool_instances`` returns (flattening them as (C, s, s) copied them).
+    The relation loss reads only distances, which do not depend on the order of the dimensions."""
+    if inst.is_contiguous(memory_format=torch.channels_last) and not inst.is_contiguous():
+        return inst.permute(0, 2, 3, 1).flatten(1)
+    return inst.flatten(1)
+
+
 class GeneralInstances(NamedTuple):
     boxes: Tensor  # (K, 4) xyxy, all images of the batch
     scores: Tensor  # (K,) GI scores
@@ -243,7 +252,7 @@ class GIDDistiller(nn.Module):
                 losses["loss_feature"] = cfg.weight_feature * world * loss
             if use_relation:
                 norm = _global_count((gi.counts >= 2).sum())
-                loss = relation_loss_batched(t_inst.flatten(1), s_inst.flatten(1), gi.image_index, n, normalizer=norm)
+                loss = relation_loss_batched(_rows(t_inst), _rows(s_inst), gi.image_index, n, normalizer=norm)
                 losses["loss_relation"] = cfg.weight_relation * world * loss
         if use_response:
             mask = self.response_mask(gi, s_out, image_list)

@@ -39,9 +39,12 @@ is already free of both (distances divided by their mean).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .roi import slot_within_image
 
@@ -75,6 +78,33 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+# Blocks of the blocked computations below hold at most this many elements (1 MiB of float64): a
+# temporary as large as the GI features (16 MiB for the teacher's at K = 40, over 32 MiB as a float64
+# copy) is mapped fresh by glibc and page-faulted in on every step, which cost more than its arithmetic.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+class _SumSquaredError(torch.autograd.Function):
+    """sum((s - t)^2), ``t`` a target. One fused ``mse_loss`` per block of rows (a whole-tensor
+    ``mse_loss(reduction="sum")`` first writes every squared error to a temporary as large as its
+    inputs); the gradient 2 (s - t) is one pass, as ``mse_loss``'s."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor) -> Tensor:
+        ctx.save_for_backward(s, t)
+        rows = max(1, _BLOCK_ELEMENTS // max(s[0].numel(), 1))
+        total = s.new_zeros(())
+        for start in range(0, s.shape[0], rows):
+            total += F.mse_loss(s[start : start + rows], t[start : start + rows], reduction="sum")
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        s, t = ctx.saved_tensors
+        return (s - t).mul_(2.0 * grad), None
+
+
 def feature_loss(
     t: Tensor, s: Tensor, *, normalizer: Normalizer = None, reference_channels: int | None = None
 ) -> Tensor:
@@ -96,8 +126,7 @@ def feature_loss(
     if num == 0:
         return s.sum() * 0.0
     dtype = _compute_dtype(s)
-    # one fused kernel forward and backward (sub, square and sum were three passes each way)
-    squared = F.mse_loss(s.to(dtype), t.detach().to(dtype), reduction="sum")
+    squared = _SumSquaredError.apply(s.to(dtype), t.detach().to(dtype))
     if reference_channels is not None:
         squared = squared * (reference_channels / channels)
     count = torch.tensor(float(num), dtype=dtype, device=s.device)
@@ -172,6 +201,53 @@ def relation_loss(t: Tensor, s: Tensor) -> Tensor:
     return F.smooth_l1_loss(pred, target.to(pred.dtype), beta=1.0, reduction="mean")
 
 
+def _centred_blocks(x: Tensor, counts: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(start column, block) of (N, K_max, D) ``x`` in float64, each block centred on each image's
+    mean over its ``counts`` (float64) rows.
+
+    Centring keeps distances and makes the Gram-matrix form |a|^2 + |b|^2 - 2ab lose far less
+    precision to cancellation. Padded rows (zeros) become -mean: their distances are finite and
+    masked out by ``pairs`` (value and gradient)."""
+    width = max(1, _BLOCK_ELEMENTS // max(x.shape[0] * x.shape[1], 1))
+    for start in range(0, x.shape[2], width):
+        block = x[:, :, start : start + width].to(torch.float64)
+        yield start, block.sub_(block.sum(dim=1, keepdim=True) / counts.clamp(min=1)[:, None, None])
+
+
+def _centred_gram(x: Tensor, counts: Tensor) -> Tensor:
+    """(N, K_max, K_max) float64 Gram matrices of the centred rows of (N, K_max, D) ``x``, summed
+    over column blocks: no float64 copy of ``x`` is ever whole."""
+    gram = None
+    for _, block in _centred_blocks(x, counts):
+        product = torch.bmm(block, block.transpose(1, 2))
+        gram = product if gram is None else gram.add_(product)
+    return gram
+
+
+class _CentredGram(torch.autograd.Function):
+    """``_centred_gram`` with its gradient computed block by block as well (autograd through the
+    blocks would keep every float64 block and scatter each block's gradient into a full-size zero
+    tensor). With C = x - mean (all K_max rows, mean over ``counts``) and G = C C^T:
+    dL/dC = (dL/dG + dL/dG^T) C and dL/dx = dL/dC - (sum over rows of dL/dC) / count."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, counts: Tensor) -> Tensor:
+        ctx.save_for_backward(x, counts)
+        return _centred_gram(x, counts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, counts = ctx.saved_tensors
+        sym = grad + grad.transpose(1, 2)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for start, block in _centred_blocks(x, counts):
+            grad_c = torch.bmm(sym, block)
+            grad_c -= grad_c.sum(dim=1, keepdim=True) / counts.clamp(min=1)[:, None, None]
+            grad_x[:, :, start : start + block.shape[2]] = grad_c
+        return grad_x, None
+
+
 def _padded_distances(padded: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Normalised distance matrices of the instances of each image, batched over the images.
 
@@ -187,14 +263,10 @@ def _padded_distances(padded: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     kmax = padded.shape[1]
     real = torch.arange(kmax, device=padded.device)[None, :] < counts[:, None]  # (N, K_max)
     counts = counts.to(torch.float64)
-    # Centre each image's embeddings on their mean: distances are unchanged, and the Gram-matrix
-    # form |a|^2 + |b|^2 - 2ab loses far less precision to cancellation. One float64 copy, then
-    # one pass each for the means and the centring (at K = 40 these are the step's biggest tensors:
-    # no zero-fill, scatter or mask passes). Padded rows become -mean: their distances are finite
-    # and masked out by ``pairs`` (value and gradient).
-    padded = padded.to(torch.float64)
-    centred = padded - padded.sum(dim=1, keepdim=True) / counts.clamp(min=1)[:, None, None]
-    gram = torch.bmm(centred, centred.transpose(1, 2))  # (N, K_max, K_max)
+    if torch.is_grad_enabled() and padded.requires_grad:
+        gram = _CentredGram.apply(padded, counts)  # (N, K_max, K_max)
+    else:
+        gram = _centred_gram(padded, counts)
     sq = gram.diagonal(dim1=1, dim2=2)
     dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp(min=_EPS**2).sqrt()
     pairs = real[:, :, None] & real[:, None, :]

@@ -9,8 +9,15 @@ The previous implementations are kept here, verbatim in substance, as references
     float64 copies, now a view when the GIs come image by image, K each; the feature loss as
     sub + pow + sum, now one fused ``mse_loss``; ``pool_instances`` writing each level with an
     out-of-place ``index_copy`` into a zero-filled result, now in place; GISM's first NMS prefix
-    of max(16 K, 128) candidates, now max(4 K, 64) (``previous_implementations`` swaps all four
-    back, for ``python -m benchmarks.speed --compare-previous``).
+    of max(16 K, 128) candidates, now max(4 K, 64) (``round_one_implementations`` swaps all four
+    back).
+  * (third round) ``pool_instances`` returning (K, C, s, s) contiguous through a transpose, a strided
+    gather and a scatter per level, now channels-last straight from its GEMMs (the adapter conv is
+    faster on it too); the relation loss through whole float64 copies of the embeddings (over 32 MiB
+    at K = 40, page-faulted in fresh every step), now a float64 Gram summed over column blocks with
+    its own blocked gradient, on the patches in memory order; the feature loss's whole-tensor
+    ``mse_loss`` temporary, now summed over row blocks (``previous_implementations`` swaps round 2's
+    code back, for ``python -m benchmarks.speed --compare-previous``).
 Values and gradients must agree to float rounding.
 """
 
@@ -23,12 +30,16 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torchvision.ops import roi_align
 
 import gid_core.distill
+import gid_core.losses
 from gid_core import gism
-from gid_core.losses import _EPS, _divisor, _compute_dtype, feature_loss, relation_loss_batched
-from gid_core.roi import _axis_weights, _separable_pool, pool_instances, slot_within_image
+from gid_core.losses import (
+    _EPS, Normalizer, _compute_dtype, _divisor, _image_layout, _pad_by_image, feature_loss, relation_loss_batched,
+)
+from gid_core.roi import _axis_weights, pool_instances, slot_within_image
 
 STRIDES = [8, 16, 32]
 
@@ -129,6 +140,19 @@ def _feature_loss_v1(t, s, *, normalizer=None, reference_channels=None):
     return squared / (_divisor(count, normalizer, at_least_one=False) * (h * w))
 
 
+def _feature_loss_v2(t, s, *, normalizer=None, reference_channels=None):
+    """Round 2's ``feature_loss``: one fused ``mse_loss`` on the whole tensors."""
+    num, channels, h, w = s.shape
+    if num == 0:
+        return s.sum() * 0.0
+    dtype = _compute_dtype(s)
+    squared = F.mse_loss(s.to(dtype), t.detach().to(dtype), reduction="sum")
+    if reference_channels is not None:
+        squared = squared * (reference_channels / channels)
+    count = torch.tensor(float(num), dtype=dtype, device=s.device)
+    return squared / (_divisor(count, normalizer, at_least_one=False) * (h * w))
+
+
 def _pool_instances_v1(features, rois, level_index, strides, *, output_size, sampling_ratio):
     """Round 1's GEMM ``pool_instances``: zero-filled result, one out-of-place copy per level."""
     num_rois, channels = rois.shape[0], features[0].shape[1]
@@ -154,9 +178,117 @@ def _pool_instances_v1(features, rois, level_index, strides, *, output_size, sam
         scaled = boxes[idx] / stride - 0.5
         wy = _axis_weights(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio)
         wx = _axis_weights(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio)
-        pooled = _separable_pool(feature.to(dtype), wy, wx, image_index[idx], slot[idx], max(per_group[lvl]))
+        pooled = _separable_pool_v2(feature.to(dtype), wy, wx, image_index[idx], slot[idx], max(per_group[lvl]))
         out = out.index_copy(0, idx, pooled)
     return out.to(features[0].dtype)
+
+
+def _separable_pool_v2(feature: Tensor, wy: Tensor, wx: Tensor, image_index: Tensor, slot: Tensor, kmax: int) -> Tensor:
+    """out[k, c] = wy[k] @ feature[image of k, c] @ wx[k]^T for (K, s, H) wy and (K, s, W) wx."""
+    n, c, h, w = feature.shape
+    s = wy.shape[1]
+    wy_pad = wy.new_zeros((n, kmax, s, h)).index_put((image_index, slot), wy)
+    wx_pad = wx.new_zeros((n, kmax, s, w)).index_put((image_index, slot), wx)
+    rows = torch.bmm(wy_pad.reshape(n, kmax * s, h), feature.permute(0, 2, 1, 3).reshape(n, h, c * w))
+    rows = rows.reshape(n * kmax, s * c, w)  # (N K_max, s_y C, W)
+    cells = torch.bmm(rows, wx_pad.reshape(n * kmax, s, w).transpose(1, 2))  # (N K_max, s_y C, s_x)
+    cells = cells.reshape(n, kmax, s, c, s).permute(0, 1, 3, 2, 4)  # (N, K_max, C, s_y, s_x)
+    return cells[image_index, slot]
+
+
+def _pool_instances_v2(
+    features: list[Tensor],
+    rois: Tensor,
+    level_index: Tensor,
+    strides: list[int],
+    *,
+    output_size: int,
+    sampling_ratio: int,
+) -> Tensor:
+    """Round 2's ``pool_instances``: (K, C, s, s) contiguous, a strided gather and an in-place
+    ``index_copy_`` per level."""
+    num_rois, channels = rois.shape[0], features[0].shape[1]
+    dtype = torch.promote_types(features[0].dtype, torch.float32)
+    # every row is written below (zeros for a level with an empty map): no zero-fill pass
+    out = features[0].new_empty((num_rois, channels, output_size, output_size), dtype=dtype)
+    if num_rois == 0:
+        return out.to(features[0].dtype)
+    num_images, num_levels = features[0].shape[0], len(features)
+    image_index = rois[:, 0].long()
+    # group the rois by (level, image): each level pools only its own rois, padded per image
+    group = level_index * num_images + image_index
+    counts = torch.bincount(group, minlength=num_levels * num_images)
+    slot = slot_within_image(group, counts)
+    order = torch.argsort(group, stable=True)
+    per_group = counts.view(num_levels, num_images).tolist()  # the one host sync
+    boxes = rois[:, 1:].detach().to(dtype)  # as roi_align: no gradient to the boxes
+    start = 0
+    for lvl, (feature, stride) in enumerate(zip(features, strides)):
+        num = sum(per_group[lvl])
+        idx, start = order[start : start + num], start + num
+        _, _, height, width = feature.shape
+        if num == 0:
+            continue
+        if height == 0 or width == 0:  # nothing to sample (roi_align gives zeros)
+            out.index_fill_(0, idx, 0.0)
+            continue
+        scaled = boxes[idx] / stride - 0.5  # aligned=True: pixel centres at half-integers
+        wy = _axis_weights(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio)
+        wx = _axis_weights(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio)
+        pooled = _separable_pool_v2(feature.to(dtype), wy, wx, image_index[idx], slot[idx], max(per_group[lvl]))
+        # in place (an out-of-place copy per level copied every row); autocast may give bfloat16
+        out.index_copy_(0, idx, pooled.to(dtype))
+    return out.to(features[0].dtype)
+
+
+def _padded_distances_v2(padded: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Round 2's ``_padded_distances``: one whole float64 copy of the embeddings, centred, one ``bmm``."""
+    kmax = padded.shape[1]
+    real = torch.arange(kmax, device=padded.device)[None, :] < counts[:, None]  # (N, K_max)
+    counts = counts.to(torch.float64)
+    # Centre each image's embeddings on their mean: distances are unchanged, and the Gram-matrix
+    # form |a|^2 + |b|^2 - 2ab loses far less precision to cancellation. One float64 copy, then
+    # one pass each for the means and the centring (at K = 40 these are the step's biggest tensors:
+    # no zero-fill, scatter or mask passes). Padded rows become -mean: their distances are finite
+    # and masked out by ``pairs`` (value and gradient).
+    padded = padded.to(torch.float64)
+    centred = padded - padded.sum(dim=1, keepdim=True) / counts.clamp(min=1)[:, None, None]
+    gram = torch.bmm(centred, centred.transpose(1, 2))  # (N, K_max, K_max)
+    sq = gram.diagonal(dim1=1, dim2=2)
+    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp(min=_EPS**2).sqrt()
+    pairs = real[:, :, None] & real[:, None, :]
+    pairs &= ~torch.eye(kmax, dtype=torch.bool, device=padded.device)
+    mean_dist = ((dist * pairs).sum(dim=(1, 2)) / (counts * (counts - 1)).clamp(min=1)).clamp(min=_EPS)  # (N,)
+    return dist / mean_dist[:, None, None], pairs
+
+
+def _relation_v2(
+    t: Tensor, s: Tensor, image_index: Tensor, num_images: int, *, normalizer: Normalizer = None
+) -> Tensor:
+    """Round 2's ``relation_loss_batched`` (autograd through whole float64 copies)."""
+    if image_index.shape != (s.shape[0],) or image_index.dtype != torch.int64:
+        raise ValueError(
+            f"relation_loss_batched: image_index must be int64 of shape ({s.shape[0]},), "
+            f"got {image_index.dtype} {tuple(image_index.shape)}"
+        )
+    if num_images < 1:
+        raise ValueError(f"relation_loss_batched: num_images must be >= 1, got {num_images}")
+    if s.shape[0] == 0:
+        return s.sum() * 0.0
+    counts = torch.bincount(image_index, minlength=num_images)
+    layout = _image_layout(image_index, counts)
+    # float64 distances: the Gram form cancels badly for near-duplicate instances in float32 (and
+    # overflows float16 under AMP).
+    with torch.autocast(device_type=s.device.type, enabled=False):
+        with torch.no_grad():
+            target, _ = _padded_distances_v2(_pad_by_image(t.flatten(1), image_index, counts, *layout), counts)
+        pred, pairs = _padded_distances_v2(_pad_by_image(s.flatten(1), image_index, counts, *layout), counts)
+        pair_loss = F.smooth_l1_loss(pred, target, beta=1.0, reduction="none") * pairs
+        counts = counts.to(pred.dtype)
+        image_loss = pair_loss.sum(dim=(1, 2)) / (counts * (counts - 1)).clamp(min=1)  # 0 for images with < 2 GIs
+        num_valid = (counts >= 2).sum().to(pred.dtype)
+        loss = image_loss.sum() / _divisor(num_valid, normalizer, at_least_one=False)
+    return loss.to(_compute_dtype(s))
 
 
 _select_current = gism.select_general_instances_batched
@@ -168,13 +300,30 @@ def _select_v1(*args, top_k, **kwargs):
 
 
 @contextlib.contextmanager
-def previous_implementations() -> Iterator[None]:
+def round_one_implementations() -> Iterator[None]:
     """The GID step as it was before the second round: ``gid_core.distill`` calls round 1's code."""
     with contextlib.ExitStack() as stack:
         for name, fn in [("relation_loss_batched", _relation_padded_v1), ("feature_loss", _feature_loss_v1),
-                         ("pool_instances", _pool_instances_v1), ("select_general_instances_batched", _select_v1)]:
+                         ("pool_instances", _pool_instances_v1), ("select_general_instances_batched", _select_v1),
+                         ("_rows", _flat_rows)]:
             stack.enter_context(mock.patch.object(gid_core.distill, name, fn))
         yield
+
+
+@contextlib.contextmanager
+def previous_implementations() -> Iterator[None]:
+    """The GID step as it was before the third round (round 2's code), for
+    ``python -m benchmarks.speed --compare-previous``."""
+    with contextlib.ExitStack() as stack:
+        for name, fn in [("relation_loss_batched", _relation_v2), ("pool_instances", _pool_instances_v2),
+                         ("feature_loss", _feature_loss_v2), ("_rows", _flat_rows)]:
+            stack.enter_context(mock.patch.object(gid_core.distill, name, fn))
+        yield
+
+
+def _flat_rows(inst: Tensor) -> Tensor:
+    """Rounds 1 and 2: the relation loss read (K, C, s, s) patches flattened as (C, s, s)."""
+    return inst.flatten(1)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -290,7 +439,7 @@ def test_in_place_pooling_matches_round_one_with_an_empty_level():
     level_index[:2] = 3
     upstream = torch.randn(rois.shape[0], 5, 6, 6, generator=g)
     results = []
-    for fn in (pool_instances, _pool_instances_v1):
+    for fn in (_pool_instances_v2, _pool_instances_v1):
         out = fn(features, rois, level_index, [*STRIDES, 64], output_size=6, sampling_ratio=2)
         results.append((out, torch.autograd.grad((out * upstream).sum(), features[:3])))
     (out, grads), (ref, ref_grads) = results
@@ -314,8 +463,104 @@ def test_gism_short_first_prefix_matches_round_one(top_k: int):
         assert boxes.shape[0] == top_k and torch.equal(boxes, ref_boxes) and torch.equal(scores, ref_scores)
 
 
-def test_gid_step_matches_previous_implementations():
-    """A whole distiller step, losses and every gradient, against round 1's code swapped back in."""
+# ----------------------------------------------------------------------------- third round
+
+
+def _layout_rois(g, layout: str):
+    """(rois, level_index) of 3 images on 3 levels, in the orders ``pool_instances`` treats apart."""
+    per_image = {"whole": [5, 5, 5], "padded": [6, 2, 4], "interleaved": [6, 2, 4], "mixed": [7, 3, 5]}[layout]
+    rois = _random_rois(g, 3, per_image, 64)
+    if layout in ("whole", "padded"):  # image by image, one level: the output needs no reordering
+        rois = rois[torch.argsort(rois[:, 0], stable=True)]
+    level_index = torch.zeros(rois.shape[0], dtype=torch.int64)
+    if layout == "mixed":
+        level_index = torch.randint(0, 4, (rois.shape[0],), generator=g)
+        level_index[:2] = 3  # a level with an empty map
+    return rois, level_index
+
+
+@pytest.mark.parametrize("layout", ["whole", "padded", "interleaved", "mixed"])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_channels_last_pooling_matches_round_two(layout: str, sampling_ratio: int):
+    """Round 3's channels-last pooling (W contracted roi by roi, rows gathered before it, no
+    transpose or per-level scatter of (K, C, s, s) rows) against round 2's, values and gradients."""
+    g = torch.Generator().manual_seed(len(layout) + sampling_ratio)
+    features = [torch.randn(3, 5, 64 // st, 64 // st, generator=g, requires_grad=True) for st in STRIDES]
+    features.append(torch.zeros(3, 5, 0, 0, requires_grad=True))
+    rois, level_index = _layout_rois(g, layout)
+    upstream = torch.randn(rois.shape[0], 5, 6, 6, generator=g)
+    results = []
+    for fn in (pool_instances, _pool_instances_v2):
+        out = fn(features, rois, level_index, [*STRIDES, 64], output_size=6, sampling_ratio=sampling_ratio)
+        grads = torch.autograd.grad((out * upstream).sum(), features[:3], allow_unused=True)
+        results.append((out, [torch.zeros_like(f) if d is None else d for f, d in zip(features, grads)]))
+    (out, grads), (ref, ref_grads) = results
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts, grouped", [([10, 10, 10], True), ([3, 0, 1, 7], False), ([40, 40], True)])
+def test_blocked_gram_relation_matches_round_two(monkeypatch, counts: list[int], grouped: bool):
+    """The float64 Gram summed over column blocks, with its hand-written gradient, against round 2's
+    whole float64 copy and autograd (blocks made small here, so that there are many)."""
+    monkeypatch.setattr(gid_core.losses, "_BLOCK_ELEMENTS", 64)
+    g = torch.Generator().manual_seed(sum(counts) + grouped)
+    total = sum(counts)
+    image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    if not grouped:
+        image_index = image_index[torch.randperm(total, generator=g)]
+    t = torch.randn(total, 37, generator=g) + 5.0  # uncentred, 37 columns: a last, narrower block
+    t[1] = t[0]  # a duplicate: distance at the epsilon floor
+    s = torch.randn(total, 23, generator=g, requires_grad=True)
+    for normalizer in (None, 2.5):
+        loss = relation_loss_batched(t, s, image_index, len(counts), normalizer=normalizer)
+        ref = _relation_v2(t, s, image_index, len(counts), normalizer=normalizer)
+        torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
+        (grad,) = torch.autograd.grad(loss, s)
+        (ref_grad,) = torch.autograd.grad(ref, s)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [64, 1 << 17])
+def test_blocked_feature_loss_matches_round_two(monkeypatch, dtype: torch.dtype, block: int):
+    """The feature loss summed over blocks of rows, with its own one-pass gradient, against round 2's
+    whole-tensor ``mse_loss``, on channels-last patches as the distiller passes them."""
+    monkeypatch.setattr(gid_core.losses, "_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(9, 16, 5, 5, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(9, 16, 5, 5, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    s.requires_grad_(True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for kwargs in ({}, {"normalizer": 3.0, "reference_channels": 256}):
+        loss, ref = feature_loss(t, s, **kwargs), _feature_loss_v2(t, s, **kwargs)
+        torch.testing.assert_close(loss, ref, **tol)
+        grad, ref_grad = torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0]
+        assert torch.equal(grad, ref_grad)  # 2 (s - t) g either way: doubling is exact
+
+
+def test_relation_on_memory_order_rows_matches_flattened():
+    """The distiller's relation loss reads channels-last patches in memory order (a view), not
+    flattened as (C, s, s): distances, and so the loss and its gradient, do not depend on it."""
+    g = torch.Generator().manual_seed(5)
+    image_index = torch.arange(4).repeat_interleave(6)
+    t = torch.randn(24, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(24, 3, 5, 5, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    rows = gid_core.distill._rows
+    assert rows(t).data_ptr() == t.data_ptr() and rows(s)._base is not None  # views: nothing copied
+    loss = relation_loss_batched(rows(t), rows(s), image_index, 4)
+    ref = _relation_v2(_flat_rows(t), _flat_rows(s), image_index, 4)
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("previous", [round_one_implementations, previous_implementations])
+@pytest.mark.parametrize("top_k", [12, 40])
+def test_gid_step_matches_previous_implementations(previous, top_k: int):
+    """A whole distiller step, losses and every gradient, against round 1's and round 2's code swapped
+    back in (K = 40: GIs on two FPN levels)."""
     from gid_core.config import DistillConfig, ModelConfig
     from gid_core.distill import GIDDistiller
     from gid_core.models import build_detector
@@ -325,7 +570,7 @@ def test_gid_step_matches_previous_implementations():
                                           min_size=64, max_size=64))
 
     torch.manual_seed(0)
-    distiller = GIDDistiller(model("resnet34", 64), model("resnet18", 32), DistillConfig(top_k=12)).train()
+    distiller = GIDDistiller(model("resnet34", 64), model("resnet18", 32), DistillConfig(top_k=top_k)).train()
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 64, generator=g) for _ in range(3)]
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2])} for _ in range(3)]
@@ -336,7 +581,7 @@ def test_gid_step_matches_previous_implementations():
         return losses, torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
 
     losses, grads = step()
-    with previous_implementations():
+    with previous():
         ref_losses, ref_grads = step()
     assert losses.keys() == ref_losses.keys()
     for name in losses:
@@ -345,7 +590,10 @@ def test_gid_step_matches_previous_implementations():
         if expected is None:
             assert got is None
         else:
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+            # K = 40: elements near zero of a gradient summed over many more GI terms carry float32
+            # rounding of the tensor's scale (measured: 2e-6 of its largest element)
+            atol = 1e-6 if top_k == 12 else max(1e-6, 1e-5 * float(expected.abs().max()))
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.timeout(120)
