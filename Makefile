@@ -43,8 +43,13 @@ $(BROWSER_STAMP): $(STAMP)
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(BROWSER_STAMP)
 
+# One xdist worker per core, a fixed 2 (this machine's and CI's): `-n auto` counts the host's cores
+# in a CPU-limited container, and each worker starts its own Redis/PostgreSQL/API stack.  Whole test
+# files go to one worker (loadfile), so module fixtures start once.  Serially:  make test TEST_WORKERS=0
+TEST_WORKERS ?= 2
+PYTEST_ARGS  ?=
 test: $(STAMP) $(BROWSER_STAMP)
-	$(PY) -m pytest -q --timeout 900 tests
+	$(PY) -m pytest -q --timeout 900 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(ARGS)

@@ -39,6 +39,7 @@ from service.core.config import Settings
 from service.errors import FieldErrors, NotFound, field_error
 from service.models import Experiment, Job, Model, new_id, utcnow
 from service.schemas import (
+    EXPERIMENT_TAG_PREFIX,
     ComparisonRow, EvaluateCreate, ExperimentCreate, ExperimentOut, JobCreate, StudentSpec, TeacherSpec,
 )
 from service.status import JobStatus
@@ -55,7 +56,7 @@ FAILED = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 def _job_request(request: ExperimentCreate, experiment_id: str, role: str, **fields: Any) -> JobCreate:
     body = {
         "name": f"{request.name}-{role}" if request.name else None,
-        "tags": [*request.tags, f"experiment:{experiment_id[:8]}"],
+        "tags": [*request.tags, f"{EXPERIMENT_TAG_PREFIX}{experiment_id[:8]}"],
         "student": request.student, "train_dataset": request.train_dataset, "val_dataset": request.val_dataset,
         "hyperparameters": request.hyperparameters, "resources": request.resources, **fields,
     }
@@ -88,7 +89,7 @@ def teacher_eval_request(request: ExperimentCreate, experiment_id: str) -> Evalu
     per_device = max(1, request.hyperparameters.batch_size // request.resources.world_size)
     return EvaluateCreate(
         kind="evaluate", name=f"{request.name}-teacher" if request.name else None,
-        tags=[*request.tags, f"experiment:{experiment_id[:8]}"], model_id=spec.model_id, weights=spec.weights,
+        tags=[*request.tags, f"{EXPERIMENT_TAG_PREFIX}{experiment_id[:8]}"], model_id=spec.model_id, weights=spec.weights,
         class_map=spec.class_map, dataset=request.val_dataset, batch_size=per_device * devices,
         resources={"devices": devices}, **sizes,
     )

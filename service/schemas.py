@@ -123,6 +123,7 @@ class Resources(StrictModel):
 # A job label: short, and safe in a URL query and a shell without quoting.
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]*$")]
 MAX_TAGS = 20
+EXPERIMENT_TAG_PREFIX = "experiment:"  # each job of an experiment gets experiment:<its id's first 8>
 
 
 # An http(s) URL with a host; stored as text (the model dumps it in JSON mode).
@@ -451,7 +452,10 @@ class ExperimentCreate(StrictModel):
     the same data with the same budget, evaluated on ``val_dataset``."""
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="added to every job it creates")
+    tags: list[Tag] = Field(
+        default_factory=list, max_length=MAX_TAGS - 1,
+        description="added to every job it creates, beside its own experiment:<id prefix> tag",
+    )
     teacher: ExperimentTeacher
     student: StudentSpec
     train_dataset: str = Field(description="dataset id, unique name or unique id prefix")
@@ -460,6 +464,13 @@ class ExperimentCreate(StrictModel):
         default_factory=Hyperparameters, description="the budget: baseline and GID both run exactly this"
     )
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("tags")
+    @classmethod
+    def _distinct_tags(cls, tags: list[str]) -> list[str]:
+        if any(tag.startswith(EXPERIMENT_TAG_PREFIX) for tag in tags):
+            raise ValueError(f"tags starting with {EXPERIMENT_TAG_PREFIX!r} are the experiment's own")
+        return JobCreate._distinct_tags(tags)
 
 
 class ComparisonRow(BaseModel):

@@ -104,14 +104,7 @@ def start_postgres(*, bin_dir: Path | None = None, timeout_s: int = 60) -> Postg
             str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", SUPERUSER, "--auth=trust",
             "--encoding=UTF8", "--locale=C", "--no-sync",
         ]))
-        options = (
-            f"-p {server.port} -c listen_addresses=127.0.0.1 -k {base_dir} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
-        )
-        _run(_as_server_user([
-            str(bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-o", options,
-            "-l", str(base_dir / "server.log"), "-w", "-t", str(timeout_s),
-        ]))
+        _start_on_free_port(server, timeout_s, attempts=3)
     except BaseException:
         log = base_dir / "server.log"
         if log.exists():
@@ -119,6 +112,29 @@ def start_postgres(*, bin_dir: Path | None = None, timeout_s: int = 60) -> Postg
         server.stop()
         raise
     return server
+
+
+def _start_on_free_port(server: PostgresServer, timeout_s: int, attempts: int) -> None:
+    """``pg_ctl start`` on ``server.port``; on another free port when that one was taken between
+    ``free_port()`` and the server's bind (parallel test workers pick ports at the same time)."""
+    log = server.base_dir / "server.log"
+    for attempt in range(1, attempts + 1):
+        options = (
+            f"-p {server.port} -c listen_addresses=127.0.0.1 -k {server.base_dir} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+        )
+        try:
+            _run(_as_server_user([
+                str(server.bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-o", options,
+                "-l", str(log), "-w", "-t", str(timeout_s),
+            ]))
+            return
+        except RuntimeError:
+            taken = log.exists() and "Address already in use" in log.read_text()
+            if attempt == attempts or not taken:
+                raise
+            log.unlink()
+            server.port = free_port()
 
 
 def _run(cmd: list[str]) -> None:

