@@ -118,9 +118,12 @@ class ResolvedJob:
     unlabeled: Dataset | None = None
 
 
-def request_hash(request: JobCreate | EvaluateCreate) -> str:
-    """sha256 of the canonical body (defaults filled in): equal requests hash equal."""
-    body = request.model_dump(mode="json")
+def request_hash(request: JobCreate | EvaluateCreate, *, with_defaults: bool = False) -> str:
+    """sha256 of the canonical body: equal requests hash equal. Fields at their default value are
+    left out, so a field added to the request schema later (with a default that keeps the old
+    behaviour) does not change the hash of a replayed request. ``with_defaults``: the form hashes
+    had until 2026-11-26 (defaults filled in), still accepted on a replay (``_replay``)."""
+    body = request.model_dump(mode="json", exclude_defaults=not with_defaults)
     if getattr(request, "webhook_secret", None) is not None:  # write-only, so no dump has it; a replay must match it too
         body["webhook_secret"] = hashlib.sha256(request.webhook_secret.get_secret_value().encode()).hexdigest()
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -137,13 +140,13 @@ def submit_job(
     if idempotency_key is not None:
         existing = crud.get_job_by_idempotency_key(session, owner_id=owner_id, key=idempotency_key)
         if existing is not None:
-            return _replay(existing, digest), False
+            return _replay(existing, request, digest), False
     if isinstance(request, EvaluateCreate):
         from service.evaluate import submit_evaluation  # it builds on this module's helpers
 
         job, created = submit_evaluation(session, owner_id=owner_id, request=request,
                                          idempotency_key=idempotency_key, digest=digest, settings=settings)
-        return (job, True) if created else (_replay(job, digest), False)
+        return (job, True) if created else (_replay(job, request, digest), False)
     resolved = resolve_job(session, owner_id=owner_id, request=request, settings=settings)
     hp = request.hyperparameters
     job, created = crud.create_job(
@@ -165,11 +168,11 @@ def submit_job(
         progress={"iteration": 0, "max_iters": hp.max_iters, "epoch": None, "eta_seconds": None},
         webhook_secret=request.webhook_secret.get_secret_value() if request.webhook_secret else None,
     )
-    return (job, True) if created else (_replay(job, digest), False)
+    return (job, True) if created else (_replay(job, request, digest), False)
 
 
-def _replay(job: Job, digest: str) -> Job:
-    if job.request_hash != digest:
+def _replay(job: Job, request: JobCreate | EvaluateCreate, digest: str) -> Job:
+    if job.request_hash not in (digest, request_hash(request, with_defaults=True)):
         raise Conflict("Idempotency-Key was already used for a different request body")
     return job
 

@@ -11,7 +11,7 @@ import pytest
 from gid_core.config import Hyperparameters
 from service import crud, jobspec, leases
 from service.errors import FieldErrors
-from service.models import Dataset, Model
+from service.models import Dataset, Job, Model
 from service.queue import JOB_QUEUE, RUN_JOB_TASK
 from service.schemas import JobCreate
 from tests.service.helpers import TINY_MODEL
@@ -179,6 +179,26 @@ def test_idempotent_submission(api, setup):
     assert api.post("/v1/jobs", "bob", json=bob_body, headers={"Idempotency-Key": "k-1"}).status_code == 201
     assert api.post("/v1/jobs", json=body).json()["id"] != first.json()["id"]
     assert api.get("/v1/jobs").json()["total"] == 2
+
+
+def test_request_hash_survives_new_fields_with_defaults(api, setup):
+    """A field added to the request schema later, at its default, leaves a replay's hash as it was;
+    a key stored with the previous hash form (defaults filled in) still replays."""
+    from pydantic import Field, create_model
+
+    body = train_body(setup)
+    request = JobCreate.model_validate(body)
+    later = create_model("LaterJobCreate", __base__=JobCreate, priority=(int, Field(0)))  # a field added later
+    assert jobspec.request_hash(later.model_validate(body)) == jobspec.request_hash(request)
+    assert jobspec.request_hash(later.model_validate({**body, "priority": 3})) != jobspec.request_hash(request)
+
+    first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-legacy"}).json()
+    with api.session() as s:  # as a job submitted before this hash form
+        s.get(Job, first["id"]).request_hash = jobspec.request_hash(request, with_defaults=True)
+        s.commit()
+    again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-legacy"})
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
+    assert api.post("/v1/jobs", json={**body, "name": "x"}, headers={"Idempotency-Key": "k-legacy"}).status_code == 409
 
 
 def test_broker_down_leaves_job_queued_for_the_sweep(api, setup):
