@@ -69,6 +69,7 @@ def fuzz_operation(operation, mode: GenerationMode, token: str, calls: Counter) 
     run()
 
 
+@pytest.mark.slow  # a minute of generated requests: scheduled early under xdist (tests/conftest.py)
 def test_no_server_error_and_every_response_documented(live):
     base_url, token = live
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
