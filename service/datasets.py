@@ -204,10 +204,9 @@ def register_upload(
         storage.remove(staging)
         raise
     try:
-        has_listing = (final / "annotations.json").is_file()
         return crud.create_dataset(
             session, owner_id=owner_id, name=name, source="upload", dataset_id=dataset_id,
-            annotations_path=str(final / "annotations.json") if has_listing else None,
+            annotations_path=str(final / "annotations.json") if annotations is not None else None,
             images_path=str(final / images_root), num_images=summary.num_images,
             num_annotations=summary.num_annotations, categories=summary.categories, labeled=not unlabeled,
         )
