@@ -71,6 +71,8 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     # peer methods of issue #12 (DistillConfig.method): same teacher, budget, seeds and loss weights
     "fitnet": ("distill", {"method": "fitnet"}),
     "dense_response": ("distill", {"method": "dense_response"}),
+    # GID with the adapter on the FPN maps (adapt, then pool; DistillConfig.adapter_on)
+    "gid_maps": ("distill", {"use_feature": True, "use_relation": True, "use_response": True, "adapter_on": "maps"}),
 }
 DEFAULT_ARMS = ("baseline", "feature", "relation", "response", "gid", "fitnet", "dense_response")
 ARM_LABELS = {
@@ -83,6 +85,7 @@ ARM_LABELS = {
     "gid_first_stage": "GID, RPN only (no 2nd stage)",
     "fitnet": "FitNet (whole FPN maps)",
     "dense_response": "Response on all predictions",
+    "gid_maps": "GID, adapter on the maps",
 }
 
 log = logging.getLogger("benchmarks.quality")
@@ -221,10 +224,18 @@ def _run(job: JobConfig, output_dir: Path, *, resume: bool) -> tuple[dict[str, A
     return result, curve.points, seconds
 
 
+def teacher_key_fields(job: JobConfig) -> dict[str, Any]:
+    """What a teacher stage's cache key hashes: the job without its distillation settings, which a
+    train job never reads (a field added to ``DistillConfig`` must not retrain the teachers)."""
+    fields = job.model_dump(mode="json")
+    del fields["hyperparameters"]["distill"]
+    return fields
+
+
 def _teacher_stage(plan: Plan, data: dict, iters: int, init_weights: str | None, *, retrain: bool) -> dict[str, Any]:
     """One cached teacher stage: ``{"weights", "metrics", "curve", "seconds", "dir"}``."""
     job = teacher_job(plan, data, iters, init_weights)
-    key = config_hash({"job": job.model_dump(mode="json"), "data": {k: data[k] for k in sorted(data) if "num" in k}})
+    key = config_hash({"job": teacher_key_fields(job), "data": {k: data[k] for k in sorted(data) if "num" in k}})
     out = CACHE_DIR / f"teacher-{key}"
     record = out / "teacher.json"
     if retrain and out.exists():

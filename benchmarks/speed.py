@@ -14,7 +14,7 @@ forward + backward down to the student's dense outputs, without the backbone's b
 
   ``gism``         ``select_general_instances_batched``
   ``roi_feature``  ``GIDDistiller._instance_features`` (ROIAlign of teacher and student FPNs)
-                   + adapter + ``feature_loss``
+                   + adapter + ``feature_loss`` (``--adapter-on maps``: ``_adapted_maps_loss``)
   ``relation``     ``relation_loss_batched`` on the pooled features
   ``response``     GI padding + ``view.positive_mask`` + ``response_loss``
 
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from gid_core.config import DistillConfig, ModelConfig
 from gid_core.data import CocoDetectionDataset, collate_detection
 from gid_core.dense import DenseOutputs
-from gid_core.distill import GIDDistiller, _rows  # _rows: the embeddings the relation loss reads
+from gid_core.distill import GeneralInstances, GIDDistiller, _rows  # _rows: the embeddings the relation loss reads
 from gid_core.fileio import write_json_atomic
 from gid_core.gism import select_general_instances_batched
 from gid_core.losses import feature_loss, relation_loss_batched, response_loss
@@ -77,10 +77,12 @@ class SpeedSetting:
     image_size: int = 64
     top_k: int = 10
     num_classes: int = 3
+    adapter_on: str = "instances"  # DistillConfig.adapter_on
 
     def distill_config(self) -> DistillConfig:
         # The quality benchmark's ROI level rule: the paper's 224 px on ~800 px images, scaled.
-        return DistillConfig(top_k=self.top_k, roi_canonical_scale=224.0 * self.image_size / 800.0)
+        return DistillConfig(top_k=self.top_k, roi_canonical_scale=224.0 * self.image_size / 800.0,
+                             adapter_on=self.adapter_on)
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -180,11 +182,14 @@ def time_parts(distiller: GIDDistiller, images: list[Tensor], targets: list[dict
     image_index = torch.repeat_interleave(torch.arange(n, device=boxes.device), counts)  # (K,)
 
     def roi_feature():
-        t_inst, s_inst = distiller._instance_features(t_out, s_out, boxes, image_index, image_list)
-        loss = cfg.weight_feature * feature_loss(
-            t_inst, distiller.adapter(s_inst), normalizer=_count(counts.sum())
-        )
-        loss.backward()
+        levels = distiller._instance_levels(t_out, boxes, image_list)
+        t_inst, s_inst = distiller._instance_features(t_out, s_out, boxes, image_index, *levels)
+        if cfg.adapter_on == "maps":
+            gi = GeneralInstances(boxes, boxes.new_zeros(boxes.shape[0]), counts, image_index)
+            loss = distiller._adapted_maps_loss(t_out, s_out, gi, levels, _count(counts.sum()), None)
+        else:
+            loss = feature_loss(t_inst, distiller.adapter(s_inst), normalizer=_count(counts.sum()))
+        (cfg.weight_feature * loss).backward()
         return t_inst, s_inst
 
     times["roi_feature"], (t_inst, s_inst) = timed(roi_feature, device)
@@ -461,13 +466,15 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
+    parser.add_argument("--adapter-on", choices=["instances", "maps"], default=defaults.adapter_on,
+                        help="DistillConfig.adapter_on: the feature loss's adapter on pooled patches or on the maps")
 
 
 def setting_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SpeedSetting:
     for name in ("batch_size", "image_size", "top_k", "num_classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    return SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes)
+    return SpeedSetting(args.batch_size, args.image_size, args.top_k, args.num_classes, args.adapter_on)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -259,6 +259,13 @@ class DistillConfig(StrictModel):
         "800 px, scaled with the student's min_size (224 * min_size / 800)",
     )
     roi_canonical_level: int = Field(4, ge=0, le=16)  # levels are clamped to the pyramid
+    adapter_on: Literal["instances", "maps"] = Field(
+        "instances",
+        description="where the feature loss's 3x3 adapter runs. instances: on each GI's pooled student "
+        "patch (pool, then adapt); maps: on the student's FPN maps, whose GI patches are then pooled "
+        "(adapt, then pool, as a public detectron2 reproduction of GID does): its cost grows with the "
+        "maps' area, not with top_k, so it is the cheaper one for small inputs or many GIs",
+    )
     # Loss weights (0 switches a loss off)
     weight_gt: float = Field(1.0, ge=0.0)
     weight_feature: float = Field(5e-4, ge=0.0)

@@ -15,10 +15,12 @@ Choices where the paper is silent, each tested:
 * The teacher runs at the student's input resolution (the student's transform feeds both), since
   GID matches predictions one to one; teacher and student must share the detector family, the
   anchor configuration and FPN strides (checked at construction).
-* The adaptation conv is applied to the ROI-pooled student features rather than to whole FPN maps:
-  it is the same 3x3 conv on the region the loss reads, at a fraction of the cost. It is a
-  registered submodule, so it is trained, checkpointed and saved with the distiller, and dropped
-  on export (only ``.student`` is exported).
+* The adaptation conv is applied to the ROI-pooled student features (``adapter_on="instances"``,
+  the default): the 3x3 conv on the region the loss reads. ``adapter_on="maps"`` applies it to the
+  student's FPN maps and pools the adapted maps instead (adapt, then pool, as a public detectron2
+  reproduction of GID does; the two differ at patch borders), which costs the maps' area rather than
+  K patches. It is a registered submodule, so it is trained, checkpointed and saved with the
+  distiller, and dropped on export (only ``.student`` is exported).
 * The relation loss reads the student's own pooled features (before the adapter): the relation
   structure is scale- and dimension-free, and going through the adapter would let the adapter
   absorb what the student should learn.
@@ -49,9 +51,9 @@ from .dense import DenseOutputs, FasterRCNNView, dense_view_for
 from .gism import select_general_instances_batched
 from .launch import get_world_size
 from .losses import (
-    REFERENCE_CHANNELS, feature_loss, fitnet_loss, rcnn_response_loss, relation_loss_batched, response_loss,
+    REFERENCE_CHANNELS, feature_loss, feature_loss_from_sum, fitnet_loss, rcnn_response_loss, relation_loss_batched, response_loss,
 )
-from .roi import assign_levels, feature_levels, pool_instances
+from .roi import assign_levels, feature_levels, pool_instances, pooled_sum_of_squares
 from .second_stage import box_head_outputs, class_discrepancy, top_k_per_image
 
 
@@ -245,10 +247,15 @@ class GIDDistiller(nn.Module):
         classes = self.view.response_classes(self.student) if cfg.normalize_losses else None
 
         if use_feature or use_relation:
-            t_inst, s_inst = self._instance_features(t_out, s_out, gi.boxes, gi.image_index, image_list)
+            levels = self._instance_levels(t_out, gi.boxes, image_list)
+            if use_relation or cfg.adapter_on == "instances":
+                t_inst, s_inst = self._instance_features(t_out, s_out, gi.boxes, gi.image_index, *levels)
             if use_feature:
                 norm = _global_count(gi.counts.sum())
-                loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm, reference_channels=channels)
+                if cfg.adapter_on == "maps":
+                    loss = self._adapted_maps_loss(t_out, s_out, gi, levels, norm, channels)
+                else:
+                    loss = feature_loss(t_inst, self.adapter(s_inst), normalizer=norm, reference_channels=channels)
                 losses["loss_feature"] = cfg.weight_feature * world * loss
             if use_relation:
                 norm = _global_count((gi.counts >= 2).sum())
@@ -330,17 +337,45 @@ class GIDDistiller(nn.Module):
         anchors = torch.stack(self._anchors(image_list, s_out.features))  # cached: no recompute
         return self.view.positive_mask(self.student, padded, valid, anchors, [c * per_location for c in locations])
 
-    def _instance_features(
-        self, t_out: DenseOutputs, s_out: DenseOutputs, boxes: Tensor, image_index: Tensor, image_list: ImageList
-    ) -> tuple[Tensor, Tensor]:
-        """ROIAlign the GI boxes on teacher and student FPNs: (K, C_t, s, s), (K, C_s, s, s)."""
-        cfg = self.config
-        padded_hw = tuple(image_list.tensors.shape[-2:])
-        levels = feature_levels(t_out.features, padded_hw)
-        strides = [2**k for k in levels]
+    def _instance_levels(self, t_out: DenseOutputs, boxes: Tensor, image_list: ImageList) -> tuple[Tensor, list[int]]:
+        """(K,) FPN level index of each GI box (the FPN paper's rule at ``roi_canonical_scale``) and
+        the levels' strides."""
+        levels = feature_levels(t_out.features, tuple(image_list.tensors.shape[-2:]))
         level_index = assign_levels(
-            boxes, levels, canonical_scale=self.roi_canonical_scale, canonical_level=cfg.roi_canonical_level
+            boxes, levels, canonical_scale=self.roi_canonical_scale, canonical_level=self.config.roi_canonical_level
         )
+        return level_index, [2**k for k in levels]
+
+    def _adapted_maps_loss(
+        self, t_out: DenseOutputs, s_out: DenseOutputs, gi: GeneralInstances, levels: tuple[Tensor, list[int]],
+        norm: Tensor, channels: int | None,
+    ) -> Tensor:
+        """The feature loss with ``adapter_on="maps"``: the adapter on each student FPN level that
+        holds GIs, then the GIs' pooled differences with the teacher (pooling is linear: pooling
+        adapter(S) - T once equals pooling both)."""
+        cfg, (level_index, strides) = self.config, levels
+        n, num_levels = len(gi.counts), len(strides)
+        per_level = torch.bincount(level_index * n + gi.image_index, minlength=num_levels * n)
+        per_level = per_level.view(num_levels, n).tolist()
+        diff = [
+            self.adapter(s) - t.to(s.dtype) if sum(counts) else t[:, :, :0, :0]  # (N, C, 0, 0): not pooled
+            for s, t, counts in zip(s_out.features, t_out.features, per_level)
+        ]
+        rois = torch.cat([gi.image_index[:, None].to(gi.boxes.dtype), gi.boxes], dim=1)
+        sse = pooled_sum_of_squares(diff, rois, level_index, strides, per_level, output_size=cfg.roi_output_size,
+                                    sampling_ratio=cfg.roi_sampling_ratio)
+        if gi.boxes.shape[0] == 0:  # the adapter stays in the graph (DDP)
+            sse = sse + sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        return feature_loss_from_sum(sse, num=gi.boxes.shape[0], channels=t_out.features[0].shape[1],
+                                     cells=cfg.roi_output_size**2, normalizer=norm, reference_channels=channels)
+
+    def _instance_features(
+        self, t_out: DenseOutputs, s_out: DenseOutputs, boxes: Tensor, image_index: Tensor, level_index: Tensor,
+        strides: list[int],
+    ) -> tuple[Tensor, Tensor]:
+        """ROIAlign the GI boxes on teacher and student FPNs (levels from ``_instance_levels``):
+        (K, C_t, s, s), (K, C_s, s, s)."""
+        cfg = self.config
         rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (K, 5)
         pool = dict(output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio)
         with torch.no_grad():

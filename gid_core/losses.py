@@ -127,10 +127,20 @@ def feature_loss(
         return s.sum() * 0.0
     dtype = _compute_dtype(s)
     squared = _SumSquaredError.apply(s.to(dtype), t.detach().to(dtype))
+    return feature_loss_from_sum(squared, num=num, channels=channels, cells=h * w, normalizer=normalizer,
+                                 reference_channels=reference_channels)
+
+
+def feature_loss_from_sum(
+    squared: Tensor, *, num: int, channels: int, cells: int, normalizer: Normalizer = None,
+    reference_channels: int | None = None,
+) -> Tensor:
+    """``feature_loss`` from its sum of squared errors over ``num`` GIs of ``channels`` x ``cells``
+    values each (``GIDDistiller`` with ``adapter_on="maps"`` sums them without the patches)."""
     if reference_channels is not None:
         squared = squared * (reference_channels / channels)
-    count = torch.tensor(float(num), dtype=dtype, device=s.device)
-    return squared / (_divisor(count, normalizer, at_least_one=False) * (h * w))
+    count = torch.tensor(float(num), dtype=squared.dtype, device=squared.device)
+    return squared / (_divisor(count, normalizer, at_least_one=False) * cells)
 
 
 def fitnet_loss(

@@ -158,3 +158,85 @@ def _separable_pool_nhwc(
     if min(per_image) < kmax:  # padding rows: keep those of the rois (given in image order, so
         rows = rows.index_select(0, image_index * kmax + slot)  # with no padding they are the rows)
     return torch.matmul(wx[:, None], rows)  # (K, 1, s_x, W) @ (K, s_y, W, C) -> (K, s_y, s_x, C)
+
+
+def pooled_sum_of_squares(
+    maps: list[Tensor],
+    rois: Tensor,
+    level_index: Tensor,
+    strides: list[int],
+    per_level: list[list[int]],
+    *,
+    output_size: int,
+    sampling_ratio: int,
+) -> Tensor:
+    """sum over rois k of ||ROIAlign_k(maps[level_index[k]])||^2 (``pool_instances``'s pooling),
+    differentiable in ``maps``; float32 or wider. ``per_level[l][n]``: rois of image n on level l
+    (the caller's host copy of the counts).
+
+    The feature loss with the adapter on the maps is this sum over D = adapter(S) - T: pooling is
+    linear, so pooling D once equals pooling both maps and subtracting. Per level, the cheaper of two
+    equal computations: pooling every roi, or the quadratic form sum_c d_c^T Q_n d_c of each image's
+    map, Q_n = sum_k My_k (x) Mx_k with My_k = Wy_k^T Wy_k (H x H) and Mx_k = Wx_k^T Wx_k: an
+    image's rois collapse into one (H W)^2 matrix, which wins on small maps (a 64 px input's P3 is
+    8 x 8) and is never built on large ones. No cancellation: both forms sum squares of the pooled
+    differences, the second with its terms regrouped."""
+    dtype = torch.promote_types(maps[0].dtype, torch.float32)
+    total = maps[0].new_zeros((), dtype=dtype)
+    num_images = maps[0].shape[0]
+    image_index = rois[:, 0].long()
+    boxes = rois[:, 1:].detach().to(dtype)
+    pooled_levels = []
+    for lvl, (feature, stride) in enumerate(zip(maps, strides)):
+        num, (_, channels, height, width) = sum(per_level[lvl]), feature.shape
+        if num == 0 or height == 0 or width == 0:
+            continue
+        if not _quadratic_form_pays(num_images=num_images, height=height, width=width, channels=channels, num_rois=num,
+                                    max_per_image=max(per_level[lvl]), output_size=output_size):
+            pooled_levels.append(lvl)
+            continue
+        area = height * width
+        rows = torch.nonzero(level_index == lvl).flatten()
+        scaled = boxes[rows] / stride - 0.5  # aligned=True, as pool_instances
+        wy = _axis_weights(scaled[:, 1], scaled[:, 3], height, output_size, sampling_ratio)
+        wx = _axis_weights(scaled[:, 0], scaled[:, 2], width, output_size, sampling_ratio)
+        with torch.autocast(device_type=feature.device.type, enabled=False):  # a sum of squares: >= float32
+            q = _image_quadratic_form(wy, wx, image_index[rows], num_images, max(per_level[lvl]))
+            d = feature.to(dtype).reshape(num_images, channels, area)
+            total = total + (torch.bmm(d, q) * d).sum()  # q symmetric: the gradient is 2 d q
+    if pooled_levels:
+        rows = torch.nonzero(torch.isin(level_index, torch.tensor(pooled_levels, device=level_index.device))).flatten()
+        pooled = pool_instances(maps, rois[rows], level_index[rows], strides, output_size=output_size,
+                                sampling_ratio=sampling_ratio)
+        flat = pooled.permute(0, 2, 3, 1).reshape(-1).to(dtype)  # channels-last: a view
+        total = total + torch.dot(flat, flat)
+    return total
+
+
+# The quadratic form holds an (N, (H W)^2) matrix per level: never more elements than this.
+_MAX_QUADRATIC_ELEMENTS = 1 << 22
+
+
+def _quadratic_form_pays(*, num_images: int, height: int, width: int, channels: int, num_rois: int,
+                         max_per_image: int, output_size: int) -> bool:
+    """Whether a level's sum of squares costs fewer multiply-adds (forward and backward) as the
+    quadratic form than by pooling its rois, within ``_MAX_QUADRATIC_ELEMENTS``."""
+    area = height * width
+    if num_images * area * area > _MAX_QUADRATIC_ELEMENTS:
+        return False
+    quadratic = num_images * area * area * (max_per_image + 3 * channels)
+    pooling = 3 * num_rois * output_size * width * (height + output_size) * channels
+    return quadratic < pooling
+
+
+def _image_quadratic_form(wy: Tensor, wx: Tensor, image_index: Tensor, num_images: int, kmax: int) -> Tensor:
+    """(N, H W, H W): Q_n[(y, x), (z, w)] = sum over image n's rois k of (Wy_k^T Wy_k)[y, z] (Wx_k^T Wx_k)[x, w],
+    for (K, s, H) ``wy`` and (K, s, W) ``wx``."""
+    k, h, w = wy.shape[0], wy.shape[2], wx.shape[2]
+    my = torch.bmm(wy.transpose(1, 2), wy).reshape(k, h * h)  # (K, (y, z))
+    mx = torch.bmm(wx.transpose(1, 2), wx).reshape(k, w * w)  # (K, (x, w))
+    slot = slot_within_image(image_index, torch.bincount(image_index, minlength=num_images))
+    pad_y = my.new_zeros((num_images, kmax, h * h)).index_put_((image_index, slot), my)
+    pad_x = mx.new_zeros((num_images, kmax, w * w)).index_put_((image_index, slot), mx)
+    q = torch.bmm(pad_y.transpose(1, 2), pad_x).view(num_images, h, h, w, w)  # (n, y, z, x, w)
+    return q.permute(0, 1, 3, 2, 4).reshape(num_images, h * w, h * w)

@@ -171,6 +171,32 @@ def test_quality_peer_method_arms():
     assert ARM_LABELS["fitnet"] in table
 
 
+def test_quality_gid_maps_arm_and_teacher_key_ignore_distill_settings():
+    """The ``gid_maps`` arm differs from GID only in ``adapter_on``; a teacher stage's cache key leaves
+    the distillation settings out (a train job never reads them), so adding a ``DistillConfig`` field
+    keeps the cached teachers, while anything the teacher trains on still changes the key."""
+    from dataclasses import replace
+
+    from benchmarks.quality import ARM_LABELS, student_job, teacher_job, teacher_key_fields
+
+    data = {k: Path("/nonexistent") / k for k in ("train_annotations", "train_images", "val_annotations", "val_images")}
+    gid, maps = (student_job(QUICK, data, arm, 1, "t.safetensors").model_dump() for arm in ("gid", "gid_maps"))
+    assert maps["hyperparameters"]["distill"]["adapter_on"] == "maps" and "gid_maps" in ARM_LABELS
+    maps["hyperparameters"]["distill"]["adapter_on"] = "instances"
+    assert maps == gid
+    key = lambda plan, iters=100: config_hash(teacher_key_fields(teacher_job(plan, data, iters)))  # noqa: E731
+    assert key(FULL) == key(replace(FULL, distill={"adapter_on": "maps", "top_k": 40}))
+    assert key(FULL) != key(FULL, 200) and key(FULL) != key(replace(FULL, lr=0.01))
+
+
+@pytest.mark.timeout(120)
+def test_speed_measure_tiny_with_the_adapter_on_the_maps(tmp_path: Path):
+    setting = SpeedSetting(batch_size=2, image_size=64, top_k=4, num_classes=2, adapter_on="maps")
+    r = measure(setting, iters=1, warmup=0, teacher_cfg=_tiny("resnet18", 64), student_cfg=_tiny("resnet18", 32),
+                data_dir=tmp_path / "data", teacher_inference=False)
+    assert r["overhead_ratio"] > 0 and r["parts_ms"]["roi_feature"] > 0
+
+
 # ---------------------------------------------------------------- unlabeled images (issue #12 item 2)
 
 
