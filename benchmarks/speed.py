@@ -306,23 +306,30 @@ def measure(
     return result
 
 
-def compare_previous(setting: SpeedSetting, *, iters: int = 6, warmup: int = 1, device: torch.device | str = "cpu",
-                     data_dir: Path | None = None) -> dict[str, Any]:
-    """The GID step now vs with the implementations it replaced swapped back in (kept, with their
-    exactness checks, in ``tests/gid_core/test_gid_speed_exactness.py``), interleaved step by step
-    with the student step and the teacher forward, so that load from other processes hits them
-    alike; which GID variant runs first alternates. Medians and the load average around the run."""
+def compare_gid_steps(setting: SpeedSetting, *, against: str = "previous", iters: int = 6, warmup: int = 1,
+                      device: torch.device | str = "cpu", data_dir: Path | None = None) -> dict[str, Any]:
+    """The GID step of ``setting`` ("now") against another GID step on the same models and batch,
+    interleaved step by step with the student step and the teacher forward, so that load from other
+    processes hits them alike; which GID variant runs first alternates. ``against``: "previous", the
+    implementations the current code replaced swapped back in (kept, with their exactness checks, in
+    ``tests/gid_core/test_gid_speed_exactness.py``), or "maps", the same step with
+    ``adapter_on="maps"``. Medians and the load average around the run."""
     import os
 
     from tests.gid_core.test_gid_speed_exactness import previous_implementations
+
+    if against not in ("previous", "maps"):
+        raise ValueError(f"against must be 'previous' or 'maps', not {against!r}")
 
     device = torch.device(device)
     images, targets = load_batch(setting, data_dir)
     images = [im.to(device) for im in images]
     targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
     teacher, distiller = build_models(setting, device=device)
-    previous, student = copy.deepcopy(distiller), copy.deepcopy(distiller.student).train()
-    opts = {"now": _sgd(distiller.parameters()), "previous": _sgd(previous.parameters())}
+    other, student = copy.deepcopy(distiller), copy.deepcopy(distiller.student).train()
+    if against == "maps":
+        other.config = other.config.model_copy(update={"adapter_on": "maps"})
+    opts = {"now": _sgd(distiller.parameters()), against: _sgd(other.parameters())}
     opt_student = _sgd(student.parameters())
 
     def teacher_forward():
@@ -331,30 +338,31 @@ def compare_previous(setting: SpeedSetting, *, iters: int = 6, warmup: int = 1, 
             distiller.view(teacher, image_list, distiller._anchors)
 
     def gid(name: str) -> float:
-        model = distiller if name == "now" else previous
+        model = distiller if name == "now" else other
         with previous_implementations() if name == "previous" else contextlib.nullcontext():
             return timed(lambda: train_step(model, opts[name], images, targets), device)[0]
 
-    keys = ("student_step", "teacher_forward", "gid_step", "gid_step_previous")
+    keys = ("student_step", "teacher_forward", "gid_step", f"gid_step_{against}")
     samples: dict[str, list[float]] = {k: [] for k in keys}
     load_before = os.getloadavg()[0]
     for i in range(warmup + iters):
         t_a, _ = timed(lambda: train_step(student, opt_student, images, targets), device)
         t_b, _ = timed(teacher_forward, device)
-        order = ("now", "previous") if i % 2 == 0 else ("previous", "now")
+        order = ("now", against) if i % 2 == 0 else (against, "now")
         t_gid = {name: gid(name) for name in order}
         if i >= warmup:
             for key, value in (("student_step", t_a), ("teacher_forward", t_b), ("gid_step", t_gid["now"]),
-                               ("gid_step_previous", t_gid["previous"])):
+                               (f"gid_step_{against}", t_gid[against])):
                 samples[key].append(value)
     times = {k: median(v) for k, v in samples.items()}
     floor = times["student_step"] + times["teacher_forward"]
     return {
-        "setting": asdict(setting), "iters": iters, "warmup": warmup, "device": str(device),
+        "setting": asdict(setting), "against": against, "iters": iters,
+        "adapter_on": {"now": distiller.config.adapter_on, against: other.config.adapter_on}, "warmup": warmup, "device": str(device),
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "times_ms": {k: 1e3 * v for k, v in times.items()},
         "overhead_ratio": times["gid_step"] / floor,
-        "overhead_ratio_previous": times["gid_step_previous"] / floor,
+        f"overhead_ratio_{against}": times[f"gid_step_{against}"] / floor,
         "samples_ms": {k: [round(1e3 * x, 3) for x in v] for k, v in samples.items()},
     }
 
@@ -491,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare-previous", action="store_true", help="only: the GID step now vs with the "
                         "implementations it replaced (tests/gid_core/test_gid_speed_exactness.py), interleaved, "
                         "on the base setting; --iters timed steps")
+    parser.add_argument("--compare-adapter", action="store_true", help="only: the GID step with the feature loss's "
+                        "adapter on pooled patches vs on the maps (DistillConfig.adapter_on), interleaved, on the "
+                        "base setting; --iters timed steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--data-dir", type=Path, default=None, help="where to generate the input images "
@@ -501,17 +512,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     base = setting_from_args(parser, args)
     print(f"machine: {machine_info()}", flush=True)
-    if args.compare_previous:
-        r = compare_previous(base, iters=args.iters, warmup=args.warmup, device=args.device, data_dir=args.data_dir)
-        t = r["times_ms"]
+    if args.compare_previous and args.compare_adapter:
+        parser.error("--compare-previous and --compare-adapter are separate runs: give one")
+    if args.compare_adapter and base.adapter_on != "instances":
+        parser.error("--compare-adapter compares adapter_on=instances (the setting) with maps: drop --adapter-on")
+    if args.compare_previous or args.compare_adapter:
+        against = "previous" if args.compare_previous else "maps"
+        r = compare_gid_steps(base, against=against, iters=args.iters, warmup=args.warmup, device=args.device,
+                              data_dir=args.data_dir)
+        t, now = r["times_ms"], "now" if against == "previous" else base.adapter_on
         print(format_table(
-            ["setting", "student step", "teacher fwd", "GID step previous", "GID step now", "ratio previous",
-             "ratio now", "load avg"],
+            ["setting", "student step", "teacher fwd", f"GID step {against}", f"GID step {now}",
+             f"ratio {against}", f"ratio {now}", "load avg"],
             [[f"batch {base.batch_size}, {base.image_size} px, K {base.top_k}", t["student_step"],
-              t["teacher_forward"], t["gid_step_previous"], t["gid_step"], r["overhead_ratio_previous"],
+              t["teacher_forward"], t[f"gid_step_{against}"], t["gid_step"], r[f"overhead_ratio_{against}"],
               r["overhead_ratio"], "%.1f-%.1f" % tuple(r["load_average_1min"])]],
         ), flush=True)
-        name = f"speed_compare_b{base.batch_size}_s{base.image_size}_k{base.top_k}.json"
+        kind = "" if against == "previous" else "_adapter"
+        name = f"speed_compare{kind}_b{base.batch_size}_s{base.image_size}_k{base.top_k}.json"
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / name, {"machine": machine_info(), **r})
         print(f"wrote {args.out / name}")

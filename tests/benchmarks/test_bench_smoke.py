@@ -95,6 +95,9 @@ def test_quality_reuse_takes_runs_of_the_same_plan_only(tmp_path: Path):
     # Another student budget: refused, naming the field.
     with pytest.raises(ValueError, match="student_iters"):
         reusable_runs(QUICK, [path])
+    # Another teacher (its first stage only): refused too, so no table mixes students of two teachers.
+    with pytest.raises(ValueError, match="teacher_stages"):
+        reusable_runs(replace(FULL, teacher_stages=FULL.teacher_stages[:1]), [path])
     # Recorded before the loss normalisation existed (raw sums): refused, not mixed into a new table.
     raw = {k: v for k, v in distill.items() if k != "normalize_losses"}
     (tmp_path / "raw.json").write_text(json.dumps({"plan": asdict(earlier), "models": {"distill": raw}, "runs": recorded}))

@@ -18,6 +18,9 @@ The previous implementations are kept here, verbatim in substance, as references
     its own blocked gradient, on the patches in memory order; the feature loss's whole-tensor
     ``mse_loss`` temporary, now summed over row blocks (``previous_implementations`` swaps round 2's
     code back, for ``python -m benchmarks.speed --compare-previous``).
+  * (fourth round) the response mask's IoU on (N, K, R, 2) corner tensors and out-of-place mask and
+    max ops, now coordinate by coordinate and in place: bit-identical (``previous_implementations``
+    swaps it back too).
 Values and gradients must agree to float rounding.
 """
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
+import gid_core.dense
 import gid_core.distill
 import gid_core.losses
 from gid_core import gism
@@ -299,6 +303,28 @@ def _select_v1(*args, top_k, **kwargs):
     return _select_current(*args, top_k=top_k, first_prefix=max(16 * top_k, 128), **kwargs)
 
 
+def _box_iou_v3(a: Tensor, b: Tensor) -> Tensor:
+    """Rounds 1-3: IoU through (N, K, R, 2) corner tensors."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-12)
+
+
+def _iou_matcher_positive_v3(gi_boxes, valid, anchors, *, high, allow_low_quality):
+    """Rounds 1-3: the response mask's matcher rule, out of place."""
+    iou = _box_iou_v3(gi_boxes, anchors)
+    iou = iou.masked_fill(~valid[:, :, None], -1.0)
+    positive = iou.max(dim=1).values >= high
+    if allow_low_quality:
+        best_per_gi = iou.max(dim=2, keepdim=True).values
+        usable = valid[:, :, None] & (best_per_gi > 0)
+        positive |= ((iou == best_per_gi) & usable).any(dim=1)
+    return positive
+
+
 @contextlib.contextmanager
 def round_one_implementations() -> Iterator[None]:
     """The GID step as it was before the second round: ``gid_core.distill`` calls round 1's code."""
@@ -312,12 +338,13 @@ def round_one_implementations() -> Iterator[None]:
 
 @contextlib.contextmanager
 def previous_implementations() -> Iterator[None]:
-    """The GID step as it was before the third round (round 2's code), for
-    ``python -m benchmarks.speed --compare-previous``."""
+    """The GID step as it was before the third round (round 2's code, and rounds 1-3's response
+    mask), for ``python -m benchmarks.speed --compare-previous``."""
     with contextlib.ExitStack() as stack:
         for name, fn in [("relation_loss_batched", _relation_v2), ("pool_instances", _pool_instances_v2),
                          ("feature_loss", _feature_loss_v2), ("_rows", _flat_rows)]:
             stack.enter_context(mock.patch.object(gid_core.distill, name, fn))
+        stack.enter_context(mock.patch.object(gid_core.dense, "iou_matcher_positive", _iou_matcher_positive_v3))
         yield
 
 
@@ -556,6 +583,37 @@ def test_relation_on_memory_order_rows_matches_flattened():
     torch.testing.assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-7, atol=1e-10)
 
 
+# ----------------------------------------------------------------------------- fourth round
+
+
+@pytest.mark.parametrize("allow_low_quality", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_response_mask_matches_round_three_bit_for_bit(seed: int, allow_low_quality: bool):
+    """The coordinate-wise, in-place IoU and matcher give the same bits as the corner-tensor form,
+    with padded GI slots, a GI overlapping no anchor, a degenerate box, exact ties between anchors
+    (duplicates) and broadcast (expanded) anchors as the distiller passes them."""
+    from gid_core.dense import box_iou_batched, iou_matcher_positive
+
+    g = torch.Generator().manual_seed(seed)
+    n, k, r = 3, 7, 500
+    xy = torch.rand(r, 2, generator=g) * 180
+    anchors = torch.cat([xy, xy + torch.rand(r, 2, generator=g) * 60 + 2], dim=1)
+    anchors[1] = anchors[0]  # a tie for the best anchor of whichever GI likes anchor 0
+    anchors = anchors.expand(n, -1, -1)
+    xy = torch.rand(n, k, 2, generator=g) * 150
+    boxes = torch.cat([xy, xy + torch.rand(n, k, 2, generator=g) * 40 + 1], dim=2)
+    boxes[0, 1] = torch.tensor([500.0, 500.0, 510.0, 510.0])  # overlaps no anchor
+    boxes[1, 2] = torch.tensor([20.0, 20.0, 20.0, 30.0])  # zero width
+    boxes[2, 0] = anchors[2, 0]  # IoU exactly 1
+    valid = torch.rand(n, k, generator=g) > 0.2
+    valid[0, 1] = valid[2, 0] = True
+    assert torch.equal(box_iou_batched(boxes, anchors), _box_iou_v3(boxes, anchors))
+    for high in (0.5, 0.7):
+        got = iou_matcher_positive(boxes, valid, anchors, high=high, allow_low_quality=allow_low_quality)
+        ref = _iou_matcher_positive_v3(boxes, valid, anchors, high=high, allow_low_quality=allow_low_quality)
+        assert torch.equal(got, ref) and got.any() and got.dtype == torch.bool
+
+
 @pytest.mark.parametrize("previous", [round_one_implementations, previous_implementations])
 @pytest.mark.parametrize("top_k", [12, 40])
 def test_gid_step_matches_previous_implementations(previous, top_k: int):
@@ -597,11 +655,31 @@ def test_gid_step_matches_previous_implementations(previous, top_k: int):
 
 
 @pytest.mark.timeout(120)
-def test_speed_compare_previous_runs(tmp_path):
-    """``python -m benchmarks.speed --compare-previous`` on a tiny batch: both variants timed."""
-    from benchmarks.speed import SpeedSetting, compare_previous
+@pytest.mark.parametrize("against", ["previous", "maps"])
+def test_speed_compare_gid_steps_runs(tmp_path, against):
+    """``python -m benchmarks.speed --compare-previous`` / ``--compare-adapter`` on a tiny batch: both
+    variants timed, the second one really the other variant."""
+    from benchmarks.speed import SpeedSetting, compare_gid_steps
 
-    r = compare_previous(SpeedSetting(batch_size=1, top_k=3, num_classes=2), iters=1, warmup=0,
-                         data_dir=tmp_path / "data")
-    assert r["overhead_ratio"] > 0 and r["overhead_ratio_previous"] > 0
-    assert len(r["samples_ms"]["gid_step_previous"]) == 1 and len(r["load_average_1min"]) == 2
+    r = compare_gid_steps(SpeedSetting(batch_size=1, top_k=3, num_classes=2), against=against, iters=1, warmup=0,
+                          data_dir=tmp_path / "data")
+    assert r["overhead_ratio"] > 0 and r[f"overhead_ratio_{against}"] > 0
+    assert len(r["samples_ms"][f"gid_step_{against}"]) == 1 and len(r["load_average_1min"]) == 2
+    assert r["adapter_on"] == {"now": "instances", against: "maps" if against == "maps" else "instances"}
+
+
+def test_speed_compare_gid_steps_refuses_unknown_variant():
+    from benchmarks.speed import SpeedSetting, compare_gid_steps
+
+    with pytest.raises(ValueError, match="against"):
+        compare_gid_steps(SpeedSetting(batch_size=1), against="fastest")
+
+
+@pytest.mark.parametrize("argv", [["--compare-previous", "--compare-adapter"],
+                                  ["--compare-adapter", "--adapter-on", "maps"]])
+def test_speed_cli_refuses_contradictory_comparisons(argv, capsys):
+    from benchmarks.speed import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "--compare-" in capsys.readouterr().err
