@@ -77,6 +77,7 @@ ABSURD = [
     ({}, {"seed": -1}, 1, ("hyperparameters", "seed"), "0"),
     ({}, {"distill": {"pre_nms_top_n": 10**9}}, 1, ("hyperparameters", "distill", "pre_nms_top_n"), "100000"),
     ({}, {"distill": {"roi_sampling_ratio": 10**6}}, 1, ("hyperparameters", "distill", "roi_sampling_ratio"), "16"),
+    ({}, {"distill": {"adapter_on": "everywhere"}}, 1, ("hyperparameters", "distill", "adapter_on"), "'instances' or 'maps'"),
     ({"anchor_sizes": [8] * 100_000}, {}, 1, ("student", "anchor_sizes"), "5 FPN levels"),
     ({"anchor_sizes": [10**9] * 5}, {}, 1, ("student", "anchor_sizes", 0), "8192"),
     ({"anchor_sizes": [1, 2, 4, 8, 16]}, {}, 1, ("student", "anchor_sizes", 0), "2"),
@@ -171,6 +172,8 @@ BOUNDARY_JOBS = {
         "top_k": 1000, "pre_nms_top_n": 100_000, "nms_iou": 1.0, "roi_canonical_level": 16}}),
     "distill-largest-pooling": dict(distill=True, hp={"distill": {
         "top_k": 1, "roi_output_size": 64, "roi_sampling_ratio": 16, "roi_canonical_level": 0}}),
+    "distill-adapter-on-maps-most-instances": dict(distill=True, hp={"distill": {
+        "adapter_on": "maps", "top_k": 1000, "pre_nms_top_n": 100_000, "roi_output_size": 64, "roi_sampling_ratio": 16}}),
 }
 
 
