@@ -1,5 +1,5 @@
 """``make demo``: the whole service from nothing, on the CPU, in at most 12 minutes on 2 idle cores
-(measured from a fresh clone: 7.3 min, 8.6 with the venv build; docs/benchmarks.md, "Demo").
+(measured from a fresh clone: 6.3 min, 7.5 with the venv build; docs/benchmarks.md, "Demo").
 
 1. starts the embedded stack (Redis, API, one worker) in a fresh ``.demo/`` directory (``--dir``);
 2. generates the synthetic digits detection dataset and registers it over the REST API;
@@ -29,7 +29,7 @@ with seeds and CPU times) is chosen so that the gain can show in minutes on 2 CP
 
 Measured through the engine (docs/benchmarks.md, "Demo"): teacher 30.0 AP, GID about twice the
 same-budget baseline (2 seeds: 15.4 vs 7.7); through the service, one ``make demo`` from a fresh
-clone printed teacher 31.6, baseline 7.1, GID 16.4 AP in 7.3 min. The training costs ~640 CPU
+clone printed teacher 31.6, baseline 7.1, GID 18.1 AP in 6.3 min. The training costs ~640 CPU
 seconds, the service ~80; the training child's two threads use both cores. For a shorter
 demo, ``teacher_iters=1200`` costs ~160 CPU s less and keeps the gain (GID 15.1 vs 7.7) with a
 19.6 AP teacher. The full GID-vs-baseline ablation is ``make bench-quality``.
