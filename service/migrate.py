@@ -1,17 +1,24 @@
 """Alembic migrations driven from code (no alembic.ini): ``upgrade_to_head(url)``.
 
 The API runs this at start-up, so a fresh deployment creates its schema and an upgraded one
-migrates before serving. On PostgreSQL an advisory lock serialises concurrent start-ups (several API
-replicas); on SQLite ``BEGIN IMMEDIATE`` does the same.
+migrates before serving. Every API process does (``gid serve`` runs two workers, a deployment may
+run replicas), so one migrates at a time, from reading the revision to its last commit: on
+PostgreSQL under an advisory lock; on SQLite, where alembic commits each step on its own (so
+``BEGIN IMMEDIATE`` leaves a gap between steps in which another process read a stale revision and
+failed on "duplicate column"), under an exclusive lock on a file beside the database.
 """
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from service.core.db import make_engine
@@ -27,30 +34,46 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+SQLITE_LOCK_SUFFIX = ".migrate-lock"
+
+
 def upgrade_to_head(url: str) -> None:
     """Migrate the database at ``url`` to the newest revision (a no-op when it is current)."""
     engine = make_engine(url, poolclass=NullPool)
     try:
-        with engine.connect() as connection:
-            postgres = connection.dialect.name == "postgresql"
-            if not postgres:
+        with engine.connect() as connection, _one_migrator(connection, url):
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
                 _sqlite_foreign_keys(connection, on=False)
-            if postgres:
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
-                connection.commit()  # the lock is session-level: it outlives this transaction
-            try:
-                cfg = alembic_config(url)
-                cfg.attributes["connection"] = connection
-                command.upgrade(cfg, "head")
-                if not postgres:
-                    _check_sqlite_foreign_keys(connection)
-                connection.commit()
-            finally:
-                if postgres:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
-                    connection.commit()
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+            if sqlite:
+                _check_sqlite_foreign_keys(connection)
+            connection.commit()
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _one_migrator(connection: Connection, url: str) -> Iterator[None]:
+    """Held by one process of the deployment at a time (see the module docstring)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+        connection.commit()  # the lock is session-level: it outlives this transaction
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+            connection.commit()
+        return
+    database = make_url(url).database
+    if not database or database == ":memory:":  # private to this process
+        yield
+        return
+    with open(database + SQLITE_LOCK_SUFFIX, "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
 
 
 def _sqlite_foreign_keys(connection, *, on: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from alembic import command
@@ -114,3 +115,54 @@ def test_upgrading_sqlite_keeps_every_row_that_hangs_off_a_job(tmp_path):
         counts = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in _CHILD_TABLES}
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     assert counts == dict.fromkeys(_CHILD_TABLES, 1)
+
+
+
+
+def _upgrade_after_barrier(url: str, barrier, pause_between_steps: bool) -> None:
+    if pause_between_steps:
+        # On SQLite alembic commits each migration step on its own: pause after each commit, so
+        # that another process gets the database between two steps of this one.
+        from contextlib import contextmanager
+
+        from alembic.runtime.migration import MigrationContext
+
+        begin = MigrationContext.begin_transaction
+
+        def begin_then_pause(self, _per_migration: bool = False):
+            transaction = begin(self, _per_migration=_per_migration)
+            if not _per_migration:
+                return transaction
+
+            @contextmanager
+            def paused():
+                with transaction:
+                    yield
+                time.sleep(0.3)
+
+            return paused()
+
+        MigrationContext.begin_transaction = begin_then_pause
+    barrier.wait(timeout=120)
+    upgrade_to_head(url)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pause_between_steps", [True, False], ids=["paused", "as-is"])
+def test_concurrent_start_ups_migrate_a_fresh_sqlite_database_once(tmp_path, pause_between_steps):
+    """Every API worker process migrates at start-up (``gid serve`` runs two): started together on a
+    fresh SQLite file, all of them must come up with the database at head, none failing on a
+    table or column another one has just added (seen in a test run: "duplicate column name:
+    deleted_at", the second API worker having read the revision between two steps of the first)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_upgrade_after_barrier, args=(url, barrier, pause_between_steps)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert current_revision(url) == head_revision()
