@@ -51,7 +51,8 @@ from .dense import DenseOutputs, FasterRCNNView, dense_view_for
 from .gism import select_general_instances_batched
 from .launch import get_world_size
 from .losses import (
-    REFERENCE_CHANNELS, feature_loss, feature_loss_from_sum, fitnet_loss, rcnn_response_loss, relation_loss_batched, response_loss,
+    REFERENCE_CHANNELS, feature_loss, feature_loss_from_sum, fitnet_loss, rcnn_response_loss, relation_loss_batched,
+    response_loss,
 )
 from .roi import assign_levels, feature_levels, pool_instances, pooled_sum_of_squares
 from .second_stage import box_head_outputs, class_discrepancy, top_k_per_image
@@ -67,6 +68,11 @@ def _global_count(count: Tensor) -> Tensor:
         count = count.clone()
         dist.all_reduce(count)
     return count
+
+
+def _rois(boxes: Tensor, image_index: Tensor) -> Tensor:
+    """(K, 5) rois [image index, x1, y1, x2, y2], as ROIAlign takes them."""
+    return torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
 
 
 def _rows(inst: Tensor) -> Tensor:
@@ -361,9 +367,8 @@ class GIDDistiller(nn.Module):
             self.adapter(s) - t.to(s.dtype) if sum(counts) else t[:, :, :0, :0]  # (N, C, 0, 0): not pooled
             for s, t, counts in zip(s_out.features, t_out.features, per_level)
         ]
-        rois = torch.cat([gi.image_index[:, None].to(gi.boxes.dtype), gi.boxes], dim=1)
-        sse = pooled_sum_of_squares(diff, rois, level_index, strides, per_level, output_size=cfg.roi_output_size,
-                                    sampling_ratio=cfg.roi_sampling_ratio)
+        sse = pooled_sum_of_squares(diff, _rois(gi.boxes, gi.image_index), level_index, strides, per_level,
+                                    output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio)
         if gi.boxes.shape[0] == 0:  # the adapter stays in the graph (DDP)
             sse = sse + sum(p.sum() for p in self.adapter.parameters()) * 0.0
         return feature_loss_from_sum(sse, num=gi.boxes.shape[0], channels=t_out.features[0].shape[1],
@@ -376,7 +381,7 @@ class GIDDistiller(nn.Module):
         """ROIAlign the GI boxes on teacher and student FPNs (levels from ``_instance_levels``):
         (K, C_t, s, s), (K, C_s, s, s)."""
         cfg = self.config
-        rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)  # (K, 5)
+        rois = _rois(boxes, image_index)
         pool = dict(output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio)
         with torch.no_grad():
             t_inst = pool_instances(t_out.features, rois, level_index, strides, **pool)
