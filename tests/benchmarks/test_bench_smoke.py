@@ -14,7 +14,7 @@ import pytest
 from benchmarks.common import config_hash, format_table, mean_std
 from benchmarks.quality import FULL, QUICK, aggregate, results_table, reusable_runs, verdict
 from benchmarks.service import percentiles
-from benchmarks.speed import PARTS, SpeedSetting, main, measure
+from benchmarks.speed import PARTS, SpeedSetting, format_ratio, main, measure, ratio_interval
 from gid_core.config import ModelConfig
 
 
@@ -38,6 +38,8 @@ def test_speed_measure_tiny(tmp_path: Path):
     assert r["parts_sum_ms"] == pytest.approx(sum(r["parts_ms"].values()))
     assert len(r["samples_ms"]["gid_step"]) == 2
     assert 0 < r["gi_per_image"] <= 4  # GISM kept at most top_k instances per image
+    lo, hi = r["overhead_ratio_interval"]
+    assert lo <= hi and r["interval_level"] == 0.9
 
 
 @pytest.mark.timeout(120)
@@ -50,6 +52,57 @@ def test_speed_main_writes_json(tmp_path: Path):
     assert set(report["parts_ms"]) == set(PARTS)
     assert report["models"]["teacher"]["backbone"] != report["models"]["student"]["backbone"]
     assert report["machine"]["cpu_count"] >= 1
+
+
+def _timings(rng: np.random.Generator, n: int, ratio: float, noise: float) -> dict[str, list[float]]:
+    """Interleaved step times whose true overhead ratio is ``ratio``, each with its own relative noise
+    (as measured on the shared CPU: a step's time varies by a few percent, unlike its neighbours')."""
+    step = lambda mean: list(mean * (1.0 + noise * rng.standard_normal(n)))  # noqa: E731
+    return {"student_step": step(0.6), "teacher_forward": step(0.4), "gid_step": step(ratio)}
+
+
+def test_ratio_interval_is_the_bootstrap_of_the_ratio_of_medians():
+    """Against an independent numpy bootstrap with the same draws: whole iterations resampled, the
+    5th and 95th percentiles (nearest rank) of median(gid) / (median(student) + median(teacher))."""
+    samples = {"student_step": [6.0, 7.0, 5.0, 9.0, 6.5], "teacher_forward": [4.0, 3.0, 5.0, 4.5, 4.0],
+               "gid_step": [11.0, 10.5, 12.0, 14.0, 10.0]}
+    lo, hi = ratio_interval(samples, resamples=500, seed=3)
+    import random
+    rng, n = random.Random(3), 5
+    arrays = {k: np.array(v) for k, v in samples.items()}
+    ratios = []
+    for _ in range(500):
+        idx = np.array([rng.randrange(n) for _ in range(n)])
+        ratios.append(np.median(arrays["gid_step"][idx])
+                      / (np.median(arrays["student_step"][idx]) + np.median(arrays["teacher_forward"][idx])))
+    ratios = np.sort(ratios)
+    assert (lo, hi) == (pytest.approx(ratios[int(0.05 * 499)]), pytest.approx(ratios[int(round(0.95 * 499))]))
+    point = statistics.median(samples["gid_step"]) / (
+        statistics.median(samples["student_step"]) + statistics.median(samples["teacher_forward"]))
+    assert lo <= point <= hi and lo < hi
+    assert ratio_interval(samples, resamples=500, seed=3) == (lo, hi)  # deterministic
+    assert format_ratio(point, (lo, hi)) == f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_iterations():
+    rng = np.random.default_rng(0)
+    widths = {}
+    for n in (8, 64):
+        hits, width = 0, []
+        for _ in range(40):
+            lo, hi = ratio_interval(_timings(rng, n, 1.05, 0.04), resamples=400, seed=1)
+            hits += lo <= 1.05 <= hi
+            width.append(hi - lo)
+        assert hits >= 30  # a 90 % interval: 36 of 40 expected
+        widths[n] = statistics.median(width)
+    assert widths[64] < 0.6 * widths[8]
+
+
+def test_ratio_interval_refuses_uneven_samples():
+    with pytest.raises(ValueError, match="same number"):
+        ratio_interval({"student_step": [1.0, 2.0], "teacher_forward": [1.0], "gid_step": [2.0, 3.0]})
+    with pytest.raises(ValueError, match="same number"):
+        ratio_interval({"student_step": [], "teacher_forward": [], "gid_step": []})
 
 
 def test_speed_main_rejects_bad_arguments(capsys):
