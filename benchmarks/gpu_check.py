@@ -165,8 +165,8 @@ def overhead(plan: Plan, image_size: int, device: torch.device, data_dir: Path) 
                 iters=plan.timing_iters, warmup=1, device=device, teacher_cfg=model_config(plan, "teacher", image_size),
                 student_cfg=model_config(plan, "student", image_size), data_dir=data_dir / f"speed_{image_size}",
                 teacher_inference=False)
-    return {"overhead_ratio": r["overhead_ratio"], "times_ms": r["times_ms"], "parts_ms": r["parts_ms"],
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {"overhead_ratio": r["overhead_ratio"], "overhead_ratio_interval": r["overhead_ratio_interval"],
+            "times_ms": r["times_ms"], "parts_ms": r["parts_ms"], "peak_memory_mb": peak_memory_mb(device)}
 
 
 def describe(device: torch.device) -> dict[str, Any]:
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = TINY if args.tiny else FULL
     with tempfile.TemporaryDirectory(prefix="gid-gpu-check-") as work:
         report = run(plan, device, Path(work))
+    from benchmarks.speed import format_ratio
     from gid_core.fileio import write_json_atomic
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu-check on {report['machine']['name']}: job {job['status']}, {job['train_images_per_s'] or 0:.1f} "
           f"train images/s, peak {job['peak_memory_mb']:.0f} MB; AMP parity rel diff "
           f"{parity['rel_diff']['total']:.2e} ({'ok' if parity['ok'] else 'NOT ok'}); overhead "
-          + ", ".join(f"{size} px {r['overhead_ratio']:.2f}" for size, r in report["overhead"].items()))
+          + ", ".join(f"{size} px {format_ratio(r['overhead_ratio'], r['overhead_ratio_interval'])}"
+                      for size, r in report["overhead"].items()))
     print(f"wrote {args.out}")
     return 0 if job["status"] == "completed" and parity["ok"] else 1
 

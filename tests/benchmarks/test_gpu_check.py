@@ -45,4 +45,5 @@ def test_gpu_path_runs_on_cpu_tiny(tmp_path: Path, capsys):
     assert all(math.isfinite(v) for v in parity["fp32"].values())
     assert set(report["overhead"]) == {str(s) for s in gpu_check.TINY.overhead_sizes}
     assert all(r["overhead_ratio"] > 0 for r in report["overhead"].values())
+    assert all(lo <= hi for lo, hi in (r["overhead_ratio_interval"] for r in report["overhead"].values()))
     assert "train images/s" in capsys.readouterr().out
