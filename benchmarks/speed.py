@@ -53,6 +53,7 @@ from gid_core.dense import DenseOutputs
 from gid_core.distill import GeneralInstances, GIDDistiller, _rows  # _rows: the embeddings the relation loss reads
 from gid_core.fileio import write_json_atomic
 from gid_core.gism import select_general_instances_batched
+from gid_core.hostmem import retain_freed_memory
 from gid_core.losses import feature_loss, relation_loss_batched, response_loss
 from gid_core.models import build_detector
 
@@ -544,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "adapter on pooled patches vs on the maps (DistillConfig.adapter_on), interleaved, on the "
                         "base setting; --iters timed steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--host-memory", choices=["retain", "system"], default="retain", help="on the CPU: "
+                        "'retain' keeps freed memory for reuse as the engine's training processes do "
+                        "(gid_core.hostmem); 'system': glibc's default, which hands large freed blocks back")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--data-dir", type=Path, default=None, help="where to generate the input images "
                         "(default: benchmarks/cache, reused between runs)")
@@ -552,11 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     base = setting_from_args(parser, args)
-    print(f"machine: {machine_info()}", flush=True)
     if args.compare_previous and args.compare_adapter:
         parser.error("--compare-previous and --compare-adapter are separate runs: give one")
     if args.compare_adapter and base.adapter_on != "instances":
         parser.error("--compare-adapter compares adapter_on=instances (the setting) with maps: drop --adapter-on")
+    host_memory = "system"
+    if torch.device(args.device).type == "cpu" and args.host_memory == "retain" and retain_freed_memory():
+        host_memory = "retain"
+    print(f"machine: {machine_info()}, host memory: {host_memory}", flush=True)
     if args.compare_previous or args.compare_adapter:
         against = "previous" if args.compare_previous else "maps"
         r = compare_gid_steps(base, against=against, iters=args.iters, warmup=args.warmup, device=args.device,
@@ -574,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "" if against == "previous" else "_adapter"
         name = f"speed_compare{kind}_b{base.batch_size}_s{base.image_size}_k{base.top_k}.json"
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / name, {"machine": machine_info(), **r})
+        write_json_atomic(args.out / name, {"machine": machine_info(), "host_memory": host_memory, **r})
         print(f"wrote {args.out / name}")
         return 0
     print(f"base setting: {base}  ({args.iters} timed iterations)", flush=True)
@@ -592,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {axis}={value}: ratio {r['overhead_ratio']:.3f}", flush=True)
     report: dict[str, Any] = {
         "machine": machine_info(),
+        "host_memory": host_memory,
         "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
         "models": {
             "teacher": teacher_model_config(base.num_classes, base.image_size).model_dump(mode="json"),

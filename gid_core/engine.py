@@ -46,6 +46,7 @@ from .errors import Loc, Problem, ProblemsError
 from .export import export_student
 from .fileio import atomic_write, write_json_atomic
 from .hooks import CancelHook, CheckpointHook, EvalHook, LRSchedulerHook, MetricsHook, log_metrics
+from .hostmem import retain_freed_memory
 from .jobdir import JobDir
 from .launch import barrier, default_device, get_rank, get_world_size, launch
 from .sampler import ResumableLoader, ResumableSampler, augmentation_seed
@@ -323,6 +324,8 @@ def run_job(
     job_dir = JobDir(output_dir)
     job_dir.root.mkdir(parents=True, exist_ok=True)
     device = default_device()
+    if device.type == "cpu":
+        retain_freed_memory()  # the step's temporaries stay mapped (gid_core.hostmem)
     train_ds, val_ds = load_job_datasets(job)
 
     seed_everything(hp.seed)  # identical initial weights on every rank (DDP broadcasts anyway)
@@ -493,6 +496,8 @@ def run_evaluation(cfg: EvalConfig, *, rank: int | None = None, world_size: int 
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     device = default_device()
+    if device.type == "cpu":
+        retain_freed_memory()
     dataset = CocoDetectionDataset(
         cfg.annotations, cfg.images, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size
     )

@@ -46,9 +46,10 @@ def test_speed_measure_tiny(tmp_path: Path):
 def test_speed_main_writes_json(tmp_path: Path):
     out = tmp_path / "results"
     assert main(["--batch-size", "1", "--image-size", "64", "--iters", "1", "--warmup", "0", "--no-sweep",
-                 "--no-profile", "--num-classes", "2", "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
+                 "--no-profile", "--num-classes", "2", "--out", str(out), "--data-dir", str(tmp_path / "data"),
+                 "--host-memory", "system"]) == 0  # "retain" would change this pytest process's malloc
     report = json.loads((out / "speed.json").read_text())
-    assert report["overhead_ratio"] > 0
+    assert report["overhead_ratio"] > 0 and report["host_memory"] == "system"
     assert set(report["parts_ms"]) == set(PARTS)
     assert report["models"]["teacher"]["backbone"] != report["models"]["student"]["backbone"]
     assert report["machine"]["cpu_count"] >= 1
