@@ -9,6 +9,10 @@ On a CUDA machine, with random weights and the synthetic digits (nothing downloa
    on CUDA, bfloat16 on CPU), and their relative differences.
 3. ``overhead``: the GID overhead ratio of ``benchmarks.speed`` (GID step / (student step +
    teacher forward)) at 512 and 800 px.
+4. ``item5``: issue #12 item 5's three settings of the CPU speed benchmark (batch 8, 64 px, K 10;
+   192 px; K 40; its R34 / R18 models), each as ``benchmarks.speed.compare_gid_steps`` measures it
+   (``adapter_on`` instances and maps, interleaved, 40 iterations, 90 % bootstrap intervals), and
+   whether each target (1.10, 1.03, 1.25) is met: the interval's upper end at or under it.
 
 Everything goes to ``benchmarks/results/gpu.json`` with the card's name. Without CUDA it says so
 and exits 0 having run and written nothing. ``--device cpu --tiny`` (hidden; the test suite's)
@@ -47,11 +51,15 @@ class Plan:
     timing_iters: int
     num_workers: int
     parity_rtol: float  # on the total loss; a lower precision gets a looser bound
+    item5_batch_size: int
+    item5_iters: int
 
 
-FULL = Plan(512, (512, 800), 8, 60, 10, 64, {"backbone": "resnet50"}, {"backbone": "resnet18"}, 10, 4, 0.05)
+FULL = Plan(512, (512, 800), 8, 60, 10, 64, {"backbone": "resnet50"}, {"backbone": "resnet18"}, 10, 4, 0.05, 8, 40)
 TINY = Plan(64, (64, 96), 2, 4, 1, 4, {"backbone": "resnet18", "fpn_channels": 64},
-            {"backbone": "resnet18", "fpn_channels": 32}, 1, 0, 0.25)
+            {"backbone": "resnet18", "fpn_channels": 32}, 1, 0, 0.25, 1, 2)
+# issue #12 item 5: the overhead ratio's target at each setting (changes from the base setting)
+ITEM5_TARGETS = {"base": ({}, 1.10), "image_size=192": ({"image_size": 192}, 1.03), "top_k=40": ({"top_k": 40}, 1.25)}
 
 
 def model_config(plan: Plan, which: str, image_size: int):
@@ -169,6 +177,27 @@ def overhead(plan: Plan, image_size: int, device: torch.device, data_dir: Path) 
             "times_ms": r["times_ms"], "parts_ms": r["parts_ms"], "peak_memory_mb": peak_memory_mb(device)}
 
 
+def item5(plan: Plan, device: torch.device, data_dir: Path) -> dict[str, Any]:
+    """Issue #12 item 5's settings, both adapter modes interleaved (``compare_gid_steps``)."""
+    from dataclasses import replace
+
+    from benchmarks.speed import SpeedSetting, compare_gid_steps
+
+    base = SpeedSetting(batch_size=plan.item5_batch_size)
+    out = {}
+    for name, (change, target) in ITEM5_TARGETS.items():
+        r = compare_gid_steps(replace(base, **change), against="maps", iters=plan.item5_iters, warmup=2, device=device,
+                              data_dir=data_dir / f"item5_{name}")
+        modes = {"instances": ("overhead_ratio", "overhead_ratio_interval"),
+                 "maps": ("overhead_ratio_maps", "overhead_ratio_maps_interval")}
+        out[name] = {
+            "target": target, "setting": r["setting"], "times_ms": r["times_ms"],
+            **{mode: {"overhead_ratio": r[ratio], "overhead_ratio_interval": r[interval],
+                      "met": r[interval][1] <= target} for mode, (ratio, interval) in modes.items()},
+        }
+    return out
+
+
 def describe(device: torch.device) -> dict[str, Any]:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
@@ -186,6 +215,7 @@ def run(plan: Plan, device: torch.device, work: Path) -> dict[str, Any]:
     report["distill_job"] = distill_job(plan, data, device, work)
     report["amp_parity"] = amp_parity(plan, data, device)
     report["overhead"] = {str(size): overhead(plan, size, device, work) for size in plan.overhead_sizes}
+    report["item5"] = item5(plan, device, work)
     return report
 
 
@@ -213,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{parity['rel_diff']['total']:.2e} ({'ok' if parity['ok'] else 'NOT ok'}); overhead "
           + ", ".join(f"{size} px {format_ratio(r['overhead_ratio'], r['overhead_ratio_interval'])}"
                       for size, r in report["overhead"].items()))
+    for name, r in report["item5"].items():
+        print(f"issue #12 item 5, {name} (target {r['target']}): " + ", ".join(
+            f"{mode} {format_ratio(r[mode]['overhead_ratio'], r[mode]['overhead_ratio_interval'])} "
+            f"{'met' if r[mode]['met'] else 'not met'}" for mode in ("instances", "maps")))
     print(f"wrote {args.out}")
     return 0 if job["status"] == "completed" and parity["ok"] else 1
 

@@ -46,4 +46,12 @@ def test_gpu_path_runs_on_cpu_tiny(tmp_path: Path, capsys):
     assert set(report["overhead"]) == {str(s) for s in gpu_check.TINY.overhead_sizes}
     assert all(r["overhead_ratio"] > 0 for r in report["overhead"].values())
     assert all(lo <= hi for lo, hi in (r["overhead_ratio_interval"] for r in report["overhead"].values()))
-    assert "train images/s" in capsys.readouterr().out
+    assert set(report["item5"]) == set(gpu_check.ITEM5_TARGETS)
+    for name, r in report["item5"].items():
+        change, target = gpu_check.ITEM5_TARGETS[name]
+        assert r["target"] == target and all(r["setting"][k] == v for k, v in change.items())
+        for mode in ("instances", "maps"):
+            lo, hi = r[mode]["overhead_ratio_interval"]
+            assert 0 < lo <= hi and r[mode]["met"] == (hi <= target)
+    printed = capsys.readouterr().out
+    assert "train images/s" in printed and "issue #12 item 5, top_k=40 (target 1.25): instances" in printed
