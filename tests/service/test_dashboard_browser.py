@@ -35,6 +35,7 @@ if not (CHROMIUM and CHROMEDRIVER):
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (after the skip: only needed with a browser)
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -90,16 +91,20 @@ def shot(driver, name: str) -> None:
 
 
 def chart_points(driver, chart_id: str) -> int:
-    found = driver.find_elements(By.CSS_SELECTOR, f"#{chart_id} svg")
-    return int(found[0].get_attribute("data-points") or 0) if found else 0
+    """The points the chart draws, read in one script: a live update re-renders the chart, and an
+    element found first and read after could be gone by then."""
+    points = driver.execute_script(
+        "const svg = document.querySelector(`#${arguments[0]} svg`);"
+        "return svg ? svg.getAttribute('data-points') : null", chart_id)
+    return int(points or 0)
 
 
 def live_mode(driver) -> tuple[str | None, int]:
     """The job page's update source ("connecting", "sse", "polling") and how many events it applied."""
-    found = driver.find_elements(By.ID, "job-page")
-    if not found:
-        return None, 0
-    return found[0].get_attribute("data-live"), int(found[0].get_attribute("data-events") or 0)
+    mode, events = driver.execute_script(
+        "const page = document.getElementById('job-page');"
+        "return page ? [page.getAttribute('data-live'), page.getAttribute('data-events')] : [null, null]")
+    return mode, int(events or 0)
 
 
 def requests_to(driver, path_end: str) -> int:
@@ -123,7 +128,7 @@ def test_sign_in_watch_a_running_job_open_the_gi_view_and_compare(stack, api, da
     gid = api.post("/v1/jobs", json={**job_body("distill", dataset_ids, teacher=teacher["output_model_id"],
                                                 name="gid-student", max_iters=24, log_period=2, checkpoint_period=8,
                                                 eval_period=12), "tags": ["gid", "paper"]})
-    wait = WebDriverWait(browser, WAIT)
+    wait = WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
     # Sign in: the token goes into sessionStorage, never into the URL.
     browser.get(stack.url + "/")
