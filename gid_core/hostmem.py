@@ -22,12 +22,13 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Callable
 
 ENV_SWITCH = "GID_RETAIN_FREED_MEMORY"
 
 # glibc's malloc.h
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit systems)
 MMAP_THRESHOLD = 32 << 20
 # mallopt takes an int
@@ -42,14 +43,23 @@ def retain_wanted() -> bool:
     return value == "1"
 
 
+def glibc_mallopt() -> Callable[[int, int], int] | None:
+    """This process's glibc ``mallopt(param, value) -> 1 on success``; None where the C library is
+    not glibc (musl, macOS, Windows), which have no such settings."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own glibc
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def retain_freed_memory() -> bool:
     """Makes this process's malloc keep freed memory for reuse (module docstring). Process-wide
     and idempotent. Returns whether it applied: False where turned off (``GID_RETAIN_FREED_MEMORY=0``)
-    or where the C library is not glibc (musl, macOS, Windows), which have no such settings."""
+    or without glibc."""
     if not retain_wanted():
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own glibc
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

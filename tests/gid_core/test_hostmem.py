@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -22,19 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from gid_core.hostmem import ENV_SWITCH, retain_wanted
+from gid_core.hostmem import ENV_SWITCH, glibc_mallopt, retain_wanted
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES_PER_ROUND = 6 * 8 * 256  # six 8 MiB tensors, 4 KiB pages
 
-glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
-)
+glibc_only = pytest.mark.skipif(glibc_mallopt() is None, reason="mallopt is glibc's")
 
 PROBE = textwrap.dedent("""
     def hand_back_freed_memory():
-        import ctypes
-        assert ctypes.CDLL(None).mallopt(-3, 128 << 10) == 1  # M_MMAP_THRESHOLD
+        from gid_core.hostmem import M_MMAP_THRESHOLD, glibc_mallopt
+        assert glibc_mallopt()(M_MMAP_THRESHOLD, 128 << 10) == 1
 
     def faults_per_round():
         # the median over 10 rounds (after 3): a round in which the heap still grows faults its
